@@ -1,0 +1,12 @@
+"""ckptd: an asynchronous background checkpoint daemon for PyTorch.
+
+Reading needs no daemon: ``ckptd.load(path)``, ``ckptd.latest(root, run)``, ``ckptd.verify(path)``.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from ckptd.reading import CorruptCheckpoint, latest, load, verify  # noqa: E402
+
+__all__ = ["CorruptCheckpoint", "__version__", "latest", "load", "verify"]

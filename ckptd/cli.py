@@ -1,0 +1,208 @@
+"""The ``ckptd`` command: ``serve``, ``ls``, ``verify``, ``status``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from ckptd import paths, reading
+from ckptd.manifest import ManifestError, read_manifest
+from ckptd.sizes import format_size, parse_size
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ckptd", description="Asynchronous checkpoint daemon for PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the daemon")
+    serve.add_argument("--root", type=Path, default=None, help="checkpoint root (default $CKPTD_ROOT or ./checkpoints)")
+    serve.add_argument("--socket", type=Path, default=None, help="Unix socket (default $CKPTD_SOCKET)")
+    serve.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB or 500MiB (default 5GB)")
+    serve.add_argument("--keep-last", type=int, default=0, help="committed steps kept per run (0: all)")
+    serve.add_argument("--workers", type=int, default=4, help="shard writer threads (default 4)")
+    serve.add_argument("--budget", default="4GiB", help="bytes of snapshots written at once (default 4GiB)")
+    serve.add_argument("--drain-timeout", type=float, default=600.0, help="seconds to drain on SIGTERM")
+    serve.add_argument("--log-file", type=Path, default=None, help="log here instead of stderr")
+    serve.add_argument("--detach", action="store_true", help="fork into the background once listening")
+
+    ls = sub.add_parser("ls", help="list runs and committed steps")
+    ls.add_argument("root", type=Path)
+    ls.add_argument("--json", action="store_true", help="print JSON")
+
+    verify = sub.add_parser("verify", help="check every checksum of a checkpoint")
+    verify.add_argument("path", type=Path, help="a step directory, or a run directory (its newest step)")
+
+    status = sub.add_parser("status", help="what the daemon is doing")
+    status.add_argument("--socket", type=Path, default=None)
+    status.add_argument("--json", action="store_true", help="print JSON")
+
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "ls":
+        return _ls(args.root, as_json=args.json)
+    if args.command == "verify":
+        return _verify(args.path)
+    return _status(args.socket, as_json=args.json)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ckptd.daemon.server import DaemonError, DaemonOptions, run_daemon
+
+    try:
+        socket_path = args.socket or _default_socket()
+        root = (args.root or Path(os.environ.get("CKPTD_ROOT") or "checkpoints")).absolute()
+        options = DaemonOptions(
+            root=root,
+            socket_path=socket_path.absolute(),
+            max_shard_size=parse_size(args.max_shard_size),
+            workers=args.workers,
+            keep_last=args.keep_last,
+            budget_bytes=parse_size(args.budget),
+            drain_timeout_s=args.drain_timeout,
+        )
+    except ValueError as e:
+        print(f"ckptd serve: {e}", file=sys.stderr)
+        return 2
+    ready_fd = _detach(args.log_file) if args.detach else None
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        filename=args.log_file,
+    )
+    try:
+        run_daemon(options, on_ready=(lambda: _signal_ready(ready_fd)) if ready_fd is not None else None)
+    except (DaemonError, OSError) as e:
+        logging.getLogger("ckptd").error("%s", e)
+        if ready_fd is not None:
+            os.write(ready_fd, f"error: {e}".encode())
+            os.close(ready_fd)
+        else:
+            print(f"ckptd serve: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _detach(log_file: Path | None) -> int:
+    """Fork; the parent exits once the child says it listens (or why it could not)."""
+    read_fd, write_fd = os.pipe()
+    if os.fork() > 0:
+        os.close(write_fd)
+        chunks = []
+        while chunk := os.read(read_fd, 4096):
+            chunks.append(chunk)
+        message = b"".join(chunks).decode()
+        if message != "ready":
+            print(message or "ckptd exited during start-up", file=sys.stderr)
+            os._exit(1)
+        os._exit(0)
+    os.close(read_fd)
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log_file else null
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    return write_fd
+
+
+def _signal_ready(fd: int) -> None:
+    os.write(fd, b"ready")
+    os.close(fd)
+
+
+def _default_socket() -> Path:
+    from client.spawn import default_socket
+
+    return default_socket()
+
+
+def _ls(root: Path, *, as_json: bool) -> int:
+    if not root.is_dir():
+        print(f"ckptd ls: {root} is not a directory", file=sys.stderr)
+        return 2
+    rows = []
+    for run_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        latest = paths.read_latest(run_dir)
+        for step, step_dir in paths.committed_steps(run_dir):
+            try:
+                m = read_manifest(step_dir)
+                row = {"run": run_dir.name, "step": step, "bytes": m.bytes, "created_unix": m.created_unix,
+                       "components": [c.name for c in m.components], "latest": step_dir.name == latest,
+                       "path": str(step_dir), "ok": True}
+            except ManifestError as e:
+                row = {"run": run_dir.name, "step": step, "bytes": 0, "created_unix": 0.0, "components": [],
+                       "latest": False, "path": str(step_dir), "ok": False, "error": str(e)}
+            rows.append(row)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no checkpoints under {root}")
+        return 0
+    print(f"{'RUN':<20} {'STEP':>10} {'SIZE':>10}  {'COMPONENTS':<30} NOTE")
+    for r in rows:
+        note = "LATEST" if r["latest"] else ("" if r["ok"] else "no valid manifest")
+        print(f"{r['run']:<20} {r['step']:>10} {format_size(int(r['bytes'])):>10}  "
+              f"{','.join(r['components']):<30} {note}")
+    return 0
+
+
+def _verify(path: Path) -> int:
+    try:
+        step_dir = reading.resolve(path)
+    except FileNotFoundError as e:
+        print(f"ckptd verify: {e}", file=sys.stderr)
+        return 2
+    problems = reading.verify(step_dir)
+    if problems:
+        for p in problems:
+            print(f"FAIL {p}")
+        print(f"{step_dir}: {len(problems)} problem(s)")
+        return 1
+    print(f"OK {step_dir}")
+    return 0
+
+
+def _status(socket_path: Path | None, *, as_json: bool) -> int:
+    from client.channel import Channel
+    from client.errors import CheckpointError
+    from ckptd.protocol import StatusRequest, StatusReply, decode_daemon
+
+    path = socket_path or _default_socket()
+    try:
+        channel = Channel.open(path)
+    except (OSError, CheckpointError) as e:
+        print(f"ckptd status: no daemon answers on {path} ({e})", file=sys.stderr)
+        return 1
+    try:
+        channel.send(StatusRequest())
+        reply = None
+        while reply is None:
+            data = channel.sock.recv(1 << 20)
+            if not data:
+                break
+            for body in channel._frames.feed(data):
+                msg = decode_daemon(body)
+                if isinstance(msg, StatusReply):
+                    reply = msg
+    finally:
+        channel.close()
+    if reply is None:
+        print("ckptd status: the daemon closed the connection", file=sys.stderr)
+        return 1
+    if as_json:
+        print(reply.model_dump_json(indent=2))
+        return 0
+    print(f"ckptd pid {reply.pid}  root {reply.root}  up {reply.uptime_s:.0f}s  clients {reply.clients}  "
+          f"arenas {reply.arenas} ({format_size(reply.arena_bytes)})")
+    print(f"committed {reply.committed}  failed {reply.failed}  written {format_size(reply.bytes_written)}")
+    for j in reply.jobs:
+        frac = j.bytes_written / j.bytes if j.bytes else 1.0
+        bar = "#" * int(frac * 20)
+        print(f"  {j.run} step {j.step:<8} {j.stage:<9} [{bar:<20}] {frac:5.1%} of {format_size(j.bytes)}  {j.age_s:.1f}s")
+    return 0

@@ -1,0 +1,161 @@
+"""The commit protocol: how a checkpoint becomes visible, in one module. The order matters.
+
+1. Everything is written into ``<root>/<run>/step-<N>.ckptd-tmp-<nonce>/``.
+2. Every file is fsynced as it is finished; the manifest is written last; the directory is
+   fsynced.
+3. The directory is renamed to ``<root>/<run>/step-<N>/`` and ``<root>/<run>/`` is fsynced.
+4. ``LATEST`` is replaced (temp file, fsync, rename, fsync of the run directory).
+5. Only then retention removes old steps, never the newest committed one.
+
+A failed fsync is never retried on the same file: the attempt fails and its temp directory is
+removed. ``commit()`` is the single step a multi-rank coordinator calls once all parts are durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from ckptd import checksum, paths
+from ckptd.manifest import MANIFEST_NAME, FileRecord, Manifest
+from ckptd.storage import Storage
+
+log = logging.getLogger(__name__)
+_CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class StagedCheckpoint:
+    """A checkpoint being written: its temp directory and where it will be committed."""
+
+    run_dir: Path
+    step: int
+    temp_dir: Path
+
+    @property
+    def final_dir(self) -> Path:
+        return self.run_dir / paths.step_dirname(self.step)
+
+
+class CommitError(RuntimeError):
+    """The checkpoint could not be made visible; nothing partial was."""
+
+
+def stage(storage: Storage, root: Path, run: str, step: int) -> StagedCheckpoint:
+    run_dir = root / paths.check_name("run", run)
+    if not run_dir.is_dir():
+        try:
+            storage.mkdir(run_dir)
+        except FileExistsError:
+            pass
+        storage.fsync_dir(root)
+    staged = StagedCheckpoint(run_dir, step, run_dir / paths.temp_dirname(step, secrets.token_hex(4)))
+    if staged.final_dir.exists():
+        raise CommitError(
+            f"step {step} of run {run!r} is already committed at {staged.final_dir}; "
+            "snapshot a new step or delete that directory"
+        )
+    storage.mkdir(staged.temp_dir)
+    return staged
+
+
+def write_file(storage: Storage, path: Path, data: bytes) -> FileRecord:
+    """Write a small file whole and fsync it."""
+    fd = storage.create(path)
+    try:
+        storage.write_all(fd, data, 0)
+        storage.fsync(fd)
+    finally:
+        storage.close(fd)
+    return FileRecord(file=path.name, bytes=len(data), xxh3_128=checksum.of_bytes(data))
+
+
+def write_shard(storage: Storage, path: Path, header: bytes, data: memoryview) -> FileRecord:
+    """Write header then data in large chunks, hashing each chunk just before it is written."""
+    h = checksum.new()
+    h.update(header)
+    fd = storage.create(path)
+    try:
+        offset = storage.write_all(fd, header, 0)
+        for start in range(0, len(data), _CHUNK_BYTES):
+            chunk = data[start : start + _CHUNK_BYTES]
+            h.update(chunk)
+            offset = storage.write_all(fd, chunk, offset)
+        storage.fsync(fd)
+    finally:
+        storage.close(fd)
+    return FileRecord(file=path.name, bytes=offset, xxh3_128=h.hexdigest())
+
+
+def seal(storage: Storage, staged: StagedCheckpoint, manifest: Manifest) -> None:
+    """Write the manifest (after every other file is durable) and fsync the directory."""
+    write_file(storage, staged.temp_dir / MANIFEST_NAME, manifest.to_bytes())
+    storage.fsync_dir(staged.temp_dir)
+
+
+def commit(storage: Storage, staged: StagedCheckpoint) -> Path:
+    """Make a sealed checkpoint visible: rename, fsync the run directory, move ``LATEST``."""
+    final = staged.final_dir
+    if final.exists():
+        raise CommitError(f"{final} appeared while step {staged.step} was being written")
+    storage.rename(staged.temp_dir, final)
+    storage.fsync_dir(staged.run_dir)
+    write_latest(storage, staged.run_dir, final.name)
+    return final
+
+
+def write_latest(storage: Storage, run_dir: Path, name: str) -> None:
+    tmp = run_dir / f"{paths.LATEST}{paths.TEMP_MARKER}{secrets.token_hex(4)}"
+    write_file(storage, tmp, (name + "\n").encode())
+    storage.rename(tmp, run_dir / paths.LATEST)
+    storage.fsync_dir(run_dir)
+
+
+def discard(storage: Storage, staged: StagedCheckpoint) -> None:
+    """Remove a failed attempt's temp directory; never raises."""
+    try:
+        if staged.temp_dir.exists():
+            storage.remove_tree(staged.temp_dir)
+    except OSError as e:
+        log.warning("could not remove %s (%s); the next daemon start sweeps it", staged.temp_dir, e)
+
+
+def apply_retention(storage: Storage, run_dir: Path, keep_last: int, newest: Path) -> list[Path]:
+    """Remove all but the ``keep_last`` highest steps; ``newest`` always survives.
+
+    A step is renamed to a temp name before it is deleted, so a half-deleted directory never
+    looks like a checkpoint.
+    """
+    if keep_last <= 0:
+        return []
+    steps = [p for _, p in paths.committed_steps(run_dir)]
+    keep = set(steps[-keep_last:]) | {newest}
+    removed = []
+    for p in steps:
+        if p in keep:
+            continue
+        doomed = run_dir / f"{p.name}{paths.TEMP_MARKER}pruned-{secrets.token_hex(4)}"
+        storage.rename(p, doomed)
+        storage.remove_tree(doomed)
+        removed.append(p)
+    if removed:
+        storage.fsync_dir(run_dir)
+    return removed
+
+
+def sweep(storage: Storage, root: Path) -> list[Path]:
+    """Remove leftovers of interrupted writes (``*.ckptd-tmp-*``) under every run of ``root``."""
+    swept = []
+    for run_dir in root.iterdir() if root.is_dir() else []:
+        if not run_dir.is_dir() or run_dir.is_symlink():
+            continue
+        for p in run_dir.iterdir():
+            if paths.TEMP_MARKER in p.name:
+                if p.is_dir() and not p.is_symlink():
+                    storage.remove_tree(p)
+                else:
+                    p.unlink()
+                swept.append(p)
+    return swept

@@ -1,0 +1,181 @@
+"""One client connection: frames in, replies out, arenas received with SCM_RIGHTS.
+
+asyncio streams carry no ancillary data, so the connection reads its raw non-blocking socket
+with ``loop.add_reader`` and ``socket.recv_fds``. A descriptor arrives with the first byte of the
+``RegisterArena`` frame it was sent with; descriptors are queued and taken in frame order.
+A broken or hostile client gets a ``Failed`` and is disconnected; the daemon goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections import deque
+from typing import TYPE_CHECKING
+
+from ckptd.daemon.arenas import Arena, ArenaError
+from ckptd.daemon.pipeline import Job
+from ckptd.daemon.validate import InvalidRequest, check_snapshot
+from ckptd.protocol import (
+    PROTOCOL_VERSION,
+    Accepted,
+    Failed,
+    FrameReader,
+    Hello,
+    Message,
+    ProtocolError,
+    RegisterArena,
+    ReleaseArena,
+    Snapshot,
+    StatusRequest,
+    decode_client,
+    encode,
+)
+
+if TYPE_CHECKING:
+    from ckptd.daemon.server import Daemon
+
+log = logging.getLogger(__name__)
+_RECV_BYTES = 1 << 20
+_MAX_FDS_PER_RECV = 8
+#: Descriptors a client may have registered and not yet released.
+MAX_ARENAS = 64
+
+
+class Connection:
+    def __init__(self, daemon: Daemon, sock: socket.socket, peer_pid: int) -> None:
+        self.daemon = daemon
+        self.peer_pid = peer_pid
+        self._sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._frames = FrameReader()
+        self._fds: deque[int] = deque()
+        self.arenas: dict[int, Arena] = {}
+        self._out: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._hello = False
+        self.closed = False
+        self._writer = asyncio.create_task(self._write_loop(), name=f"ckptd-conn-{peer_pid}-writer")
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+
+    # --- sending ---------------------------------------------------------------------------------
+
+    def send(self, message: Message) -> None:
+        """Queue a reply; a reply to a client that is gone is dropped."""
+        if not self.closed:
+            self._out.put_nowait(encode(message))
+
+    async def _write_loop(self) -> None:
+        try:
+            while (data := await self._out.get()) is not None:
+                await self._loop.sock_sendall(self._sock, data)
+        except (ConnectionError, OSError) as e:
+            log.info("client pid %s: send failed (%s); closing", self.peer_pid, e)
+            self.close()
+
+    # --- receiving -------------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        try:
+            data, fds, flags, _ = socket.recv_fds(
+                self._sock, _RECV_BYTES, _MAX_FDS_PER_RECV, socket.MSG_CMSG_CLOEXEC
+            )
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            log.info("client pid %s: recv failed (%s)", self.peer_pid, e)
+            self.close()
+            return
+        self._fds.extend(fds)
+        if flags & socket.MSG_CTRUNC:
+            self._refuse("bad_frame", "ancillary data truncated: send one descriptor per RegisterArena")
+            return
+        if not data:
+            self.close()
+            return
+        try:
+            for body in self._frames.feed(data):
+                self._dispatch(decode_client(body))
+                if self.closed:
+                    return
+        except ProtocolError as e:
+            self._refuse("bad_frame", str(e))
+
+    def _dispatch(self, msg: Hello | RegisterArena | ReleaseArena | Snapshot | StatusRequest) -> None:
+        if not self._hello and not isinstance(msg, Hello):
+            self._refuse("bad_frame", f"first message must be hello, got {msg.kind}")
+            return
+        match msg:
+            case Hello():
+                self._on_hello(msg)
+            case RegisterArena():
+                self._on_register(msg)
+            case ReleaseArena():
+                arena = self.arenas.pop(msg.arena, None)
+                if arena is not None:
+                    arena.release()
+            case Snapshot():
+                self._on_snapshot(msg)
+            case StatusRequest():
+                self.send(self.daemon.status())
+
+    def _on_hello(self, msg: Hello) -> None:
+        if msg.version != PROTOCOL_VERSION:
+            self._refuse(
+                "version_mismatch",
+                f"client speaks protocol {msg.version}, daemon {PROTOCOL_VERSION}; "
+                "install the same ckptd version on both sides",
+            )
+            return
+        self._hello = True
+        self.send(self.daemon.welcome())
+
+    def _on_register(self, msg: RegisterArena) -> None:
+        if not self._fds:
+            self._refuse("bad_frame", f"register_arena {msg.arena} arrived without a descriptor")
+            return
+        fd = self._fds.popleft()
+        if msg.arena in self.arenas or len(self.arenas) >= MAX_ARENAS:
+            os.close(fd)
+            self._refuse("bad_arena", f"arena {msg.arena} is already registered or too many arenas")
+            return
+        try:
+            self.arenas[msg.arena] = Arena(msg.arena, fd, msg.size)
+        except (ArenaError, OSError) as e:
+            os.close(fd)
+            self._refuse("bad_arena", str(e))
+
+    def _on_snapshot(self, msg: Snapshot) -> None:
+        arena = self.arenas.get(msg.arena)
+        try:
+            if arena is None:
+                raise InvalidRequest(f"arena {msg.arena} is not registered on this connection")
+            nbytes = check_snapshot(msg, arena.size)
+            if self.daemon.pipeline.busy(msg.run, msg.step):
+                raise InvalidRequest(f"step {msg.step} of run {msg.run!r} is already being written")
+        except InvalidRequest as e:
+            self.send(Failed(id=msg.id, code="invalid_request", message=str(e)))
+            return
+        self.send(Accepted(id=msg.id))
+        self.daemon.pipeline.submit(Job(request=msg, arena=arena, reply=self.send, nbytes=nbytes))
+
+    def _refuse(self, code: str, message: str) -> None:
+        log.warning("client pid %s: %s: %s; disconnecting", self.peer_pid, code, message)
+        self.send(Failed(id=None, code=code, message=message))
+        self.close()
+
+    def close(self) -> None:
+        """Stop reading, flush queued replies, release this client's arenas (jobs keep theirs)."""
+        if self.closed:
+            return
+        self._out.put_nowait(None)
+        self.closed = True
+        self._loop.remove_reader(self._sock.fileno())
+        for arena in self.arenas.values():
+            arena.release()
+        self.arenas.clear()
+        while self._fds:
+            os.close(self._fds.popleft())
+        self._writer.add_done_callback(lambda _: self._sock.close())
+        self.daemon.forget(self)

@@ -1,0 +1,283 @@
+"""The daemon's snapshot pipeline: from an accepted request to a committed checkpoint.
+
+Stages, as reported in status and timings: accepted → writing → synced → committed → pruned
+(or failed). Shards are written concurrently by a thread pool straight from the arena mapping,
+each hashed while written and fsynced; small files follow; the manifest seals the temp directory;
+snapshots of one run commit in the order they were accepted; retention runs only after commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ckptd import __version__, commit
+from ckptd.daemon.arenas import Arena
+from ckptd.layout import index_filename, shard_filename
+from ckptd.manifest import ComponentRecord, FileRecord, Manifest
+from ckptd.protocol import Committed, Failed, JobStatus, Message, Progress, Snapshot
+from ckptd.shardfile import HeaderEntry, encode_header
+from ckptd.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """How the daemon writes. Sizes in bytes."""
+
+    root: Path
+    workers: int = 4  # shard writer threads
+    budget_bytes: int = 4 * 2**30  # bytes of snapshots being written at once
+    keep_last: int = 0  # committed steps kept per run; 0 keeps all
+
+
+@dataclass
+class Job:
+    request: Snapshot
+    arena: Arena
+    reply: Callable[[Message], None]
+    nbytes: int
+    stage: str = "accepted"
+    bytes_written: int = 0
+    started: float = field(default_factory=time.monotonic)
+    timings: dict[str, float] = field(default_factory=dict)
+    checksums: dict[str, str] = field(default_factory=dict)
+
+    def mark(self, stage: str) -> None:
+        self.stage = stage
+        self.timings[f"{stage}_s"] = round(time.monotonic() - self.started, 6)
+
+
+class ByteBudget:
+    """Admits work while the bytes held stay within capacity; an oversized job runs alone."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._used = 0
+        self._cond = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, nbytes: int) -> AsyncIterator[None]:
+        n = min(nbytes, self._capacity)
+        async with self._cond:
+            await self._cond.wait_for(lambda: self._used + n <= self._capacity)
+            self._used += n
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._used -= n
+                self._cond.notify_all()
+
+
+class Pipeline:
+    def __init__(self, options: PipelineOptions, storage: Storage) -> None:
+        self.options = options
+        self.storage = storage
+        self._pool = ThreadPoolExecutor(options.workers, thread_name_prefix="ckptd-write")
+        self._budget = ByteBudget(options.budget_bytes)
+        self._tails: dict[str, asyncio.Future[None]] = {}
+        self._jobs: dict[tuple[str, int], Job] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.committed = 0
+        self.failed = 0
+        self.bytes_written = 0
+
+    def busy(self, run: str, step: int) -> bool:
+        return (run, step) in self._jobs
+
+    def submit(self, job: Job) -> None:
+        key = (job.request.run, job.request.step)
+        self._jobs[key] = job
+        job.arena.acquire()
+        prev = self._tails.get(job.request.run)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._tails[job.request.run] = done
+        task = asyncio.create_task(self._run(job, prev, done), name=f"snapshot {key}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def status(self) -> list[JobStatus]:
+        now = time.monotonic()
+        return [
+            JobStatus(
+                run=j.request.run,
+                step=j.request.step,
+                stage=j.stage,
+                bytes=j.nbytes,
+                bytes_written=j.bytes_written,
+                age_s=round(now - j.started, 3),
+            )
+            for j in self._jobs.values()
+        ]
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait for every job; True when all finished in time."""
+        if not self._tasks:
+            return True
+        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        return not pending
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    async def _run(self, job: Job, prev: asyncio.Future[None] | None, done: asyncio.Future[None]) -> None:
+        req = job.request
+        try:
+            path = await self._write_and_commit(job, prev)
+            self.committed += 1
+            job.reply(
+                Committed(
+                    id=req.id,
+                    run=req.run,
+                    step=req.step,
+                    path=str(path),
+                    bytes=job.nbytes,
+                    checksums=job.checksums,
+                    timings=job.timings,
+                )
+            )
+            log.info("[run=%s step=%s] committed %s bytes in %.3fs", req.run, req.step, job.nbytes,
+                     time.monotonic() - job.started)
+        except Exception as e:  # every failure is reported to the client, never swallowed
+            self.failed += 1
+            job.mark("failed")
+            log.error("[run=%s step=%s] failed: %s", req.run, req.step, e)
+            job.reply(_failure(req.id, req.run, req.step, e))
+        finally:
+            done.set_result(None)
+            if self._tails.get(req.run) is done:
+                del self._tails[req.run]
+            del self._jobs[(req.run, req.step)]
+            job.arena.release_reader()
+
+    async def _write_and_commit(self, job: Job, prev: asyncio.Future[None] | None) -> Path:
+        # accepted → writing → synced → committed → pruned
+        req, loop, st = job.request, asyncio.get_running_loop(), self.storage
+        staged = await loop.run_in_executor(None, commit.stage, st, self.options.root, req.run, req.step)
+        try:
+            job.mark("writing")
+            job.reply(Progress(id=req.id, stage="writing", bytes_written=0))
+            async with self._budget.hold(job.nbytes):
+                components = await self._write_shards(job, staged)
+            job.mark("synced")
+            manifest = await loop.run_in_executor(None, self._write_small_files, job, staged, components)
+            if prev is not None:
+                await asyncio.shield(prev)  # commit in order within a run
+            path = await loop.run_in_executor(None, commit.commit, st, staged)
+        except BaseException:
+            await loop.run_in_executor(None, commit.discard, st, staged)
+            raise
+        job.mark("committed")
+        job.checksums = {f"{c.name}/{s.file}": s.xxh3_128 for c in manifest.components for s in c.shards}
+        if self.options.keep_last:
+            try:
+                removed = await loop.run_in_executor(
+                    None, commit.apply_retention, st, staged.run_dir, self.options.keep_last, path
+                )
+                if removed:
+                    log.info("[run=%s step=%s] retention removed %s", req.run, req.step,
+                             [p.name for p in removed])
+            except OSError as e:  # the new checkpoint is committed; an old one lingers
+                log.warning("[run=%s step=%s] retention failed: %s", req.run, req.step, e)
+            job.mark("pruned")
+        return path
+
+    async def _write_shards(self, job: Job, staged: commit.StagedCheckpoint) -> list[ComponentRecord]:
+        loop = asyncio.get_running_loop()
+        futures = []
+        for c in job.request.components:
+            n = len(c.shards)
+            for i, shard in enumerate(c.shards):
+                header = encode_header(
+                    HeaderEntry(t.name, t.dtype, tuple(t.shape), t.start, t.end) for t in shard.tensors
+                )
+                data = job.arena.view(shard.offset, shard.nbytes)
+                path = staged.temp_dir / shard_filename(c.name, i, n)
+                futures.append(loop.run_in_executor(self._pool, self._write_one, job, path, header, data))
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        records = iter(r for r in results if isinstance(r, FileRecord))
+        out = []
+        for c in job.request.components:
+            shards = [next(records) for _ in c.shards]
+            out.append(
+                ComponentRecord(
+                    name=c.name,
+                    index=index_filename(c.name),
+                    shards=shards,
+                    tensors=sum(len(s.tensors) for s in c.shards),
+                    total_size=sum(s.nbytes for s in c.shards),
+                    aliases=c.aliases,
+                )
+            )
+        return out
+
+    def _write_one(self, job: Job, path: Path, header: bytes, data: memoryview) -> FileRecord:
+        nbytes = len(data)
+        with data:
+            record = commit.write_shard(self.storage, path, header, data)
+        job.bytes_written += nbytes
+        self.bytes_written += record.bytes
+        return record
+
+    def _write_small_files(
+        self, job: Job, staged: commit.StagedCheckpoint, components: list[ComponentRecord]
+    ) -> Manifest:
+        req, st = job.request, self.storage
+        files = []
+        for c, entry in zip(components, req.components, strict=True):
+            weight_map = {
+                t.name: shard.file
+                for shard, s in zip(c.shards, entry.shards, strict=True)
+                for t in s.tensors
+            }
+            index = {"metadata": {"total_size": c.total_size}, "weight_map": weight_map}
+            text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+            files.append(commit.write_file(st, staged.temp_dir / c.index, text.encode()))
+        for name, text in sorted(req.files.items()):
+            files.append(commit.write_file(st, staged.temp_dir / name, text.encode()))
+        job.timings["write_s"] = round(time.monotonic() - job.started, 6)
+        manifest = Manifest(
+            ckptd_version=__version__,
+            run=req.run,
+            step=req.step,
+            rank=req.rank,
+            world_size=req.world_size,
+            created_unix=time.time(),
+            bytes=job.nbytes,
+            components=components,
+            files=files,
+            tree=req.tree,
+            timings=job.timings,
+        )
+        commit.seal(st, staged, manifest)
+        return manifest
+
+
+def _failure(snapshot_id: int, run: str, step: int, e: BaseException) -> Failed:
+    where = f"step {step} of run {run!r}"
+    if isinstance(e, OSError) and e.errno is not None:
+        name = errno.errorcode.get(e.errno, str(e.errno))
+        target = f" ({e.filename})" if e.filename else ""
+        return Failed(
+            id=snapshot_id,
+            code="io_error",
+            errno=e.errno,
+            message=f"writing {where} failed: [{name}] {e.strerror}{target}; older checkpoints are intact",
+        )
+    code = "commit_error" if isinstance(e, commit.CommitError) else "internal_error"
+    return Failed(id=snapshot_id, code=code, message=f"{where}: {e}")

@@ -1,0 +1,221 @@
+"""The daemon's lifecycle: startup → main loop → shutdown.
+
+Startup takes a lock beside the socket (one daemon per socket), refuses a socket that a live
+daemon answers on, replaces a stale one, sweeps temp directories left by a crash, and binds the
+socket 0600. Signal handlers only set flags: the first SIGTERM/SIGINT stops accepting and drains
+in-flight snapshots (up to ``drain_timeout_s``); a second one exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ckptd import commit
+from ckptd.daemon.connection import Connection
+from ckptd.daemon.pipeline import Pipeline, PipelineOptions
+from ckptd.protocol import PROTOCOL_VERSION, StatusReply, Welcome
+from ckptd.storage import Storage
+
+log = logging.getLogger(__name__)
+_UCRED = struct.Struct("3i")
+
+
+@dataclass(frozen=True)
+class DaemonOptions:
+    """What ``ckptd serve`` is told. Sizes in bytes, times in seconds."""
+
+    root: Path
+    socket_path: Path
+    max_shard_size: int = 5 * 10**9
+    workers: int = 4
+    keep_last: int = 0
+    budget_bytes: int = 4 * 2**30
+    drain_timeout_s: float = 600.0
+
+
+class DaemonError(RuntimeError):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+class Daemon:
+    def __init__(self, options: DaemonOptions, storage: Storage | None = None) -> None:
+        self.options = options
+        self.storage = storage or Storage()
+        self.pipeline = Pipeline(
+            PipelineOptions(
+                root=options.root,
+                workers=options.workers,
+                budget_bytes=options.budget_bytes,
+                keep_last=options.keep_last,
+            ),
+            self.storage,
+        )
+        self._connections: set[Connection] = set()
+        self._listener: socket.socket | None = None
+        self._lock_fd: int | None = None
+        self._stop = asyncio.Event()
+        self._signals = 0
+        self._started = time.monotonic()
+
+    async def run(self, on_ready: Callable[[], None] | None = None) -> None:
+        await self.startup()
+        if on_ready is not None:
+            on_ready()
+        try:
+            await self._stop.wait()
+        finally:
+            await self.shutdown()
+
+    # --- startup ---------------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        opts = self.options
+        opts.root.mkdir(parents=True, exist_ok=True)
+        opts.socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_fd = _take_lock(opts.socket_path)
+        if _answers(opts.socket_path):
+            raise DaemonError(
+                f"a ckptd daemon already answers on {opts.socket_path}; "
+                "use it, or stop it first (ckptd status shows its pid)"
+            )
+        with contextlib.suppress(FileNotFoundError):
+            opts.socket_path.unlink()  # stale: nobody answers on it, and we hold the lock
+        for p in commit.sweep(self.storage, opts.root):
+            log.info("swept leftover %s", p)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)
+        try:
+            sock.bind(str(opts.socket_path))
+        finally:
+            os.umask(old)
+        sock.listen(64)
+        sock.setblocking(False)
+        self._listener = sock
+        loop = asyncio.get_running_loop()
+        loop.add_reader(sock.fileno(), self._accept)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        log.info("ckptd serving root=%s socket=%s pid=%s", opts.root, opts.socket_path, os.getpid())
+
+    def _on_signal(self, sig: int) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second signal %s: exiting without draining", sig)
+            os._exit(1)
+        log.info("signal %s: draining in-flight snapshots", sig)
+        self._stop.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # --- main loop -------------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        if self._listener is None:
+            return
+        try:
+            sock, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        sock.setblocking(False)
+        pid, uid, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        if uid != os.geteuid():
+            log.warning("refusing pid %s: uid %s is not the daemon's uid %s", pid, uid, os.geteuid())
+            sock.close()
+            return
+        self._connections.add(Connection(self, sock, pid))
+
+    def forget(self, conn: Connection) -> None:
+        self._connections.discard(conn)
+
+    def welcome(self) -> Welcome:
+        return Welcome(
+            version=PROTOCOL_VERSION,
+            pid=os.getpid(),
+            root=str(self.options.root),
+            max_shard_size=self.options.max_shard_size,
+        )
+
+    def status(self) -> StatusReply:
+        arenas = [a for c in self._connections for a in c.arenas.values()]
+        return StatusReply(
+            pid=os.getpid(),
+            root=str(self.options.root),
+            uptime_s=round(time.monotonic() - self._started, 3),
+            clients=len(self._connections),
+            arenas=len(arenas),
+            arena_bytes=sum(a.size for a in arenas),
+            committed=self.pipeline.committed,
+            failed=self.pipeline.failed,
+            bytes_written=self.pipeline.bytes_written,
+            jobs=self.pipeline.status(),
+        )
+
+    # --- shutdown --------------------------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._listener is not None:
+            loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+            with contextlib.suppress(FileNotFoundError):
+                self.options.socket_path.unlink()
+        if not await self.pipeline.drain(self.options.drain_timeout_s):
+            log.error("in-flight snapshots did not finish within %ss; abandoning them",
+                      self.options.drain_timeout_s)
+        for conn in list(self._connections):
+            conn.close()
+        await asyncio.sleep(0)  # let queued replies flush
+        self.pipeline.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        log.info("ckptd stopped")
+
+
+def _take_lock(socket_path: Path) -> int:
+    lock_path = socket_path.with_name(socket_path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DaemonError(
+            f"another ckptd daemon holds {lock_path}: one is already running (or starting) on "
+            f"{socket_path}; use it, or stop it first"
+        ) from None
+    return fd
+
+
+def _answers(socket_path: Path) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s.settimeout(1.0)
+    try:
+        s.connect(str(socket_path))
+    except OSError:
+        return False
+    finally:
+        s.close()
+    return True
+
+
+def run_daemon(
+    options: DaemonOptions, storage: Storage | None = None, on_ready: Callable[[], None] | None = None
+) -> None:
+    """Run a daemon until it is signalled, on uvloop (chosen by loop factory, no global policy)."""
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(Daemon(options, storage).run(on_ready))

@@ -1,0 +1,80 @@
+"""Checks on a snapshot request before the daemon reads a byte of the arena it names.
+
+A client must never make the daemon read outside an arena, write outside its root, or produce a
+file that is not valid safetensors. Every check here says what was wrong.
+"""
+
+from __future__ import annotations
+
+from ckptd.dtypes import ITEMSIZE, numel
+from ckptd.paths import InvalidName, check_name
+from ckptd.protocol import ComponentEntry, Snapshot
+
+#: Small text files a snapshot may carry besides its shards.
+ALLOWED_FILES = frozenset({"config.json", "generation_config.json"})
+_RESERVED_COMPONENTS = frozenset({"ckptd"})
+
+
+class InvalidRequest(ValueError):
+    """A snapshot request that the daemon refuses; nothing was written."""
+
+
+def check_snapshot(req: Snapshot, arena_size: int) -> int:
+    """Validate ``req`` against an arena of ``arena_size`` bytes; returns the bytes to write."""
+    try:
+        check_name("run", req.run)
+        for c in req.components:
+            check_name("component", c.name)
+    except InvalidName as e:
+        raise InvalidRequest(str(e)) from e
+    if req.step < 0:
+        raise InvalidRequest(f"step must be >= 0, got {req.step}")
+    if not 0 <= req.rank < req.world_size:
+        raise InvalidRequest(f"rank {req.rank} is not within world_size {req.world_size}")
+    names = [c.name for c in req.components]
+    if len(set(names)) != len(names) or _RESERVED_COMPONENTS & set(names):
+        raise InvalidRequest(f"component names must be unique and not 'ckptd': {names}")
+    extra = set(req.files) - ALLOWED_FILES
+    if extra:
+        raise InvalidRequest(f"files {sorted(extra)} not allowed; only {sorted(ALLOWED_FILES)}")
+    total = 0
+    for c in req.components:
+        total += _check_component(c, arena_size)
+    return total
+
+
+def _check_component(c: ComponentEntry, arena_size: int) -> int:
+    if not c.shards:
+        raise InvalidRequest(f"component {c.name!r} has no shards")
+    seen: set[str] = set()
+    total = 0
+    for i, shard in enumerate(c.shards):
+        where = f"component {c.name!r} shard {i}"
+        if shard.offset < 0 or shard.nbytes < 0 or shard.offset + shard.nbytes > arena_size:
+            raise InvalidRequest(
+                f"{where}: bytes [{shard.offset}, {shard.offset + shard.nbytes}) are outside the "
+                f"{arena_size}-byte arena"
+            )
+        pos = 0
+        for t in shard.tensors:
+            if t.name in seen or t.name == "__metadata__" or not t.name:
+                raise InvalidRequest(f"{where}: tensor name {t.name!r} is empty, reserved or repeated")
+            seen.add(t.name)
+            if t.dtype not in ITEMSIZE:
+                raise InvalidRequest(f"{where}: tensor {t.name!r} has unknown dtype {t.dtype!r}")
+            if any(d < 0 for d in t.shape):
+                raise InvalidRequest(f"{where}: tensor {t.name!r} has a negative dimension")
+            size = numel(t.shape) * ITEMSIZE[t.dtype]
+            if t.start != pos or t.end - t.start != size:
+                raise InvalidRequest(
+                    f"{where}: tensor {t.name!r} spans [{t.start}, {t.end}); expected "
+                    f"[{pos}, {pos + size}) for shape {t.shape} {t.dtype}"
+                )
+            pos = t.end
+        if pos != shard.nbytes:
+            raise InvalidRequest(f"{where}: tensors cover {pos} bytes, shard says {shard.nbytes}")
+        total += shard.nbytes
+    for alias, target in c.aliases.items():
+        if target not in seen or alias in seen:
+            raise InvalidRequest(f"component {c.name!r}: alias {alias!r} -> {target!r} is invalid")
+    return total

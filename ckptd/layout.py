@@ -1,0 +1,138 @@
+"""The layout planner: where every tensor of a snapshot lives in an arena slot and in which shard.
+
+A pure function of (names, dtypes, shapes, max_shard_size). The arena *is* the file: each shard's
+data section starts at a 4096-byte boundary of the slot and holds its tensors back to back,
+ordered by descending element size so that every tensor view is aligned. The daemon writes a
+shard as its safetensors header (padded to 4096 bytes) followed by that one contiguous range.
+
+Shard split follows the Hugging Face rule (``split_torch_state_dict_into_shards``): greedy in
+order, a new shard when ``max_shard_size`` would be passed, a tensor larger than the limit alone
+in a shard of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ckptd.dtypes import itemsize, numel
+
+#: Alignment of every shard's data section in the arena and in the file.
+ALIGN = 4096
+
+
+def round_up(n: int, align: int = ALIGN) -> int:
+    return (n + align - 1) // align * align
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor to place: its name in the component, safetensors dtype and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return numel(self.shape) * itemsize(self.dtype)
+
+
+@dataclass(frozen=True)
+class TensorPlacement:
+    """A tensor's place in its shard: ``[start, end)`` relative to the shard's data section."""
+
+    spec: TensorSpec
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """One shard file: its data section at ``offset`` of the arena slot, ``nbytes`` long."""
+
+    offset: int
+    nbytes: int
+    tensors: tuple[TensorPlacement, ...]
+
+
+@dataclass(frozen=True)
+class ComponentLayout:
+    """The shards of one component (``model``, ``optimizer``, ...), in file order."""
+
+    name: str
+    shards: tuple[ShardLayout, ...]
+
+    @property
+    def total_size(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+    def shard_file(self, index: int) -> str:
+        return shard_filename(self.name, index, len(self.shards))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a whole snapshot lives in one arena slot of ``slot_bytes``."""
+
+    components: tuple[ComponentLayout, ...]
+    slot_bytes: int
+
+
+def shard_filename(component: str, index: int, count: int) -> str:
+    """The Hugging Face shard name: ``model-00001-of-00003.safetensors`` (index is 0-based)."""
+    return f"{component}-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def index_filename(component: str) -> str:
+    return f"{component}.safetensors.index.json"
+
+
+def split_shards(specs: Sequence[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:
+    """Split tensors into shards by the Hugging Face rule, keeping their order."""
+    shards: list[list[TensorSpec]] = []
+    current: list[TensorSpec] = []
+    current_size = 0
+    for spec in specs:
+        size = spec.nbytes
+        if size > max_shard_size:
+            shards.append([spec])
+            continue
+        if current and current_size + size > max_shard_size:
+            shards.append(current)
+            current, current_size = [], 0
+        current.append(spec)
+        current_size += size
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _place_shard(specs: Sequence[TensorSpec], offset: int) -> ShardLayout:
+    # Descending element size keeps every start a multiple of its own element size.
+    ordered = sorted(specs, key=lambda s: -itemsize(s.dtype))
+    placements = []
+    pos = 0
+    for spec in ordered:
+        placements.append(TensorPlacement(spec, pos, pos + spec.nbytes))
+        pos += spec.nbytes
+    return ShardLayout(offset=offset, nbytes=pos, tensors=tuple(placements))
+
+
+def plan(
+    components: Sequence[tuple[str, Sequence[TensorSpec]]], max_shard_size: int
+) -> Layout:
+    """Place every component's tensors in one arena slot. Pure; callers cache it by signature."""
+    if max_shard_size <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {max_shard_size}")
+    offset = 0
+    placed = []
+    for name, specs in components:
+        shards = []
+        groups = split_shards(specs, max_shard_size) or [[]]
+        for group in groups:
+            shard = _place_shard(group, offset)
+            shards.append(shard)
+            offset += round_up(shard.nbytes)
+        placed.append(ComponentLayout(name=name, shards=tuple(shards)))
+    return Layout(components=tuple(placed), slot_bytes=max(offset, ALIGN))

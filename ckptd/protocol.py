@@ -1,0 +1,221 @@
+"""The wire protocol between a training process and the daemon.
+
+A Unix stream socket carries frames: a 4-byte big-endian length, then one JSON message. Every
+message is a frozen pydantic model with a ``kind`` tag, validated strictly (``extra="forbid"``).
+Tensor bytes never travel here: they sit in memfd arenas whose descriptors are passed once, with
+the ``RegisterArena`` frame, as SCM_RIGHTS ancillary data. Nothing is pickled.
+
+Client → daemon: Hello, RegisterArena (+ fd), Snapshot, ReleaseArena, StatusRequest.
+Daemon → client: Welcome, Accepted, Progress, Committed, Failed, StatusReply.
+A snapshot's slot in its arena is free again once its Committed or Failed arrives.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
+
+PROTOCOL_VERSION = 1
+#: Largest frame either side accepts; a 20,000-tensor snapshot request is a few MB.
+MAX_FRAME_BYTES = 64 * 2**20
+_LEN = struct.Struct(">I")
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+# --- client → daemon ---------------------------------------------------------------------------
+
+
+class Hello(Message):
+    kind: Literal["hello"] = "hello"
+    version: int
+    pid: int
+    root: str | None = None  # the root the client expects; None takes the daemon's
+
+
+class RegisterArena(Message):
+    """Sent with exactly one file descriptor: a sealed memfd of ``size`` bytes."""
+
+    kind: Literal["register_arena"] = "register_arena"
+    arena: int
+    size: int
+
+
+class ReleaseArena(Message):
+    kind: Literal["release_arena"] = "release_arena"
+    arena: int
+
+
+class TensorEntry(Message):
+    name: str
+    dtype: str
+    shape: list[int]
+    start: int  # relative to the shard's data section
+    end: int
+
+
+class ShardEntry(Message):
+    offset: int  # of the data section in the arena
+    nbytes: int
+    tensors: list[TensorEntry]
+
+
+class ComponentEntry(Message):
+    name: str
+    shards: list[ShardEntry]
+    aliases: dict[str, str] = {}  # tied name -> stored name
+
+
+class Snapshot(Message):
+    kind: Literal["snapshot"] = "snapshot"
+    id: int
+    run: str
+    step: int
+    arena: int
+    components: list[ComponentEntry]
+    tree: JsonValue
+    files: dict[str, str] = {}  # small text files, e.g. config.json
+    rank: int = 0
+    world_size: int = 1
+
+
+class StatusRequest(Message):
+    kind: Literal["status"] = "status"
+
+
+ClientMessage = Annotated[
+    Hello | RegisterArena | ReleaseArena | Snapshot | StatusRequest, Field(discriminator="kind")
+]
+
+# --- daemon → client ---------------------------------------------------------------------------
+
+
+class Welcome(Message):
+    kind: Literal["welcome"] = "welcome"
+    version: int
+    pid: int
+    root: str
+    max_shard_size: int
+
+
+class Accepted(Message):
+    kind: Literal["accepted"] = "accepted"
+    id: int
+
+
+class Progress(Message):
+    kind: Literal["progress"] = "progress"
+    id: int
+    stage: str
+    bytes_written: int
+
+
+class Committed(Message):
+    kind: Literal["committed"] = "committed"
+    id: int
+    run: str
+    step: int
+    path: str
+    bytes: int
+    checksums: dict[str, str]
+    timings: dict[str, float]
+
+
+class Failed(Message):
+    """A snapshot (``id``) or the connection itself (``id`` None) failed."""
+
+    kind: Literal["failed"] = "failed"
+    id: int | None
+    code: str
+    message: str
+    errno: int | None = None
+
+
+class JobStatus(Message):
+    run: str
+    step: int
+    stage: str
+    bytes: int
+    bytes_written: int
+    age_s: float
+
+
+class StatusReply(Message):
+    kind: Literal["status_reply"] = "status_reply"
+    pid: int
+    root: str
+    uptime_s: float
+    clients: int
+    arenas: int
+    arena_bytes: int
+    committed: int
+    failed: int
+    bytes_written: int
+    jobs: list[JobStatus]
+
+
+DaemonMessage = Annotated[
+    Welcome | Accepted | Progress | Committed | Failed | StatusReply, Field(discriminator="kind")
+]
+
+_client_adapter: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
+_daemon_adapter: TypeAdapter[DaemonMessage] = TypeAdapter(DaemonMessage)
+
+
+class ProtocolError(ValueError):
+    """A frame that is too large, malformed, or not a known message."""
+
+
+def encode(message: Message) -> bytes:
+    body = message.model_dump_json().encode()
+    if len(body) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"message of {len(body)} bytes exceeds the {MAX_FRAME_BYTES}-byte frame limit")
+    return _LEN.pack(len(body)) + body
+
+
+def decode_client(body: bytes) -> ClientMessage:
+    try:
+        return _client_adapter.validate_json(body, strict=True)
+    except ValidationError as e:
+        raise ProtocolError(f"invalid client message: {_summary(e)}") from e
+
+
+def decode_daemon(body: bytes) -> DaemonMessage:
+    try:
+        return _daemon_adapter.validate_json(body, strict=True)
+    except ValidationError as e:
+        raise ProtocolError(f"invalid daemon message: {_summary(e)}") from e
+
+
+def _summary(e: ValidationError) -> str:
+    errs = e.errors(include_url=False)[:3]
+    return "; ".join(f"{'.'.join(map(str, x['loc'])) or '<frame>'}: {x['msg']}" for x in errs)
+
+
+class FrameReader:
+    """Splits a byte stream into frame bodies; refuses frames over the size limit."""
+
+    def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+        self._buf = bytearray()
+        self._max = max_frame_bytes
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buf += data
+        frames = []
+        while len(self._buf) >= _LEN.size:
+            (n,) = _LEN.unpack_from(self._buf)
+            if n > self._max:
+                raise ProtocolError(f"frame of {n} bytes exceeds the {self._max}-byte limit")
+            if len(self._buf) < _LEN.size + n:
+                break
+            frames.append(bytes(self._buf[_LEN.size : _LEN.size + n]))
+            del self._buf[: _LEN.size + n]
+        return frames
+
+    @property
+    def pending_bytes(self) -> int:
+        return len(self._buf)

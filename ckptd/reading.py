@@ -1,0 +1,173 @@
+"""Reading checkpoints without a daemon: find the newest, verify it, load it.
+
+``load`` checks every file against the checksums in the manifest while it reads, so a corrupted
+checkpoint is never returned as if it were good.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ckptd import checksum, paths, tree
+from ckptd.manifest import MANIFEST_NAME, FileRecord, Manifest, ManifestError, read_manifest
+from ckptd.shardfile import ShardFormatError, decode_header, header_span
+
+log = logging.getLogger(__name__)
+_CHUNK = 64 * 2**20
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint whose files do not match its manifest."""
+
+
+def latest(root: str | os.PathLike[str], run: str = "default") -> Path | None:
+    """The newest committed checkpoint of ``run`` whose manifest is intact, or None.
+
+    Follows ``LATEST`` when it points at an intact checkpoint, else the highest such step.
+    """
+    for p in candidates(Path(root) / paths.check_name("run", run)):
+        try:
+            read_manifest(p)
+        except ManifestError:
+            continue
+        return p
+    return None
+
+
+def candidates(run_dir: Path) -> list[Path]:
+    steps = [p for _, p in reversed(paths.committed_steps(run_dir))]
+    name = paths.read_latest(run_dir)
+    if name is not None and (run_dir / name) in steps:
+        steps.remove(run_dir / name)
+        steps.insert(0, run_dir / name)
+    return steps
+
+
+def verify(path: str | os.PathLike[str]) -> list[str]:
+    """Every problem found in a checkpoint directory; an empty list means it verifies."""
+    step_dir = Path(path)
+    try:
+        manifest = read_manifest(step_dir)
+    except ManifestError as e:
+        return [str(e)]
+    problems = []
+    for c in manifest.components:
+        for shard in c.shards:
+            problems += _check_file(step_dir, shard, shard_file=True)
+    for f in manifest.files:
+        problems += _check_file(step_dir, f, shard_file=False)
+    return problems
+
+
+def _check_file(step_dir: Path, record: FileRecord, *, shard_file: bool) -> list[str]:
+    path = step_dir / record.file
+    try:
+        digest, size = checksum.of_file(path)
+    except OSError as e:
+        return [f"{path}: cannot read ({e.strerror})"]
+    if size != record.bytes:
+        return [f"{path}: {size} bytes, manifest says {record.bytes} (truncated or replaced)"]
+    if digest != record.xxh3_128:
+        return [f"{path}: checksum mismatch (xxh3_128 {digest}, manifest says {record.xxh3_128})"]
+    if shard_file:
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            prefix += f.read(header_span(prefix) - len(prefix))
+        try:
+            decode_header(prefix, size, str(path))
+        except ShardFormatError as e:
+            return [str(e)]
+    return []
+
+
+def resolve(path: str | os.PathLike[str], run: str = "default") -> Path:
+    """A checkpoint directory from a step directory, a run directory or a root."""
+    p = Path(path)
+    if (p / MANIFEST_NAME).exists():
+        return p
+    if (p / paths.LATEST).exists() or paths.committed_steps(p):
+        found = latest(p.parent, p.name)
+    else:
+        found = latest(p, run)
+    if found is None:
+        raise FileNotFoundError(f"no committed ckptd checkpoint at {p}")
+    return found
+
+
+def load(path: str | os.PathLike[str], *, verify_checksums: bool = True) -> dict[str, Any]:
+    """Load a checkpoint into plain objects: ``{"model": {name: tensor}, "optimizer": ..., ...}``.
+
+    ``path`` is a step directory, or a run directory (its newest intact step). Tied tensors come
+    back as one tensor under every name. Raises ``CorruptCheckpoint`` when a checksum fails.
+
+    >>> state = ckptd.load("checkpoints/default/step-000500")  # doctest: +SKIP
+    >>> model.load_state_dict(state["model"])                   # doctest: +SKIP
+    """
+    step_dir = resolve(path)
+    manifest = read_manifest(step_dir)
+    return load_manifest(step_dir, manifest, verify_checksums=verify_checksums)
+
+
+def load_manifest(step_dir: Path, manifest: Manifest, *, verify_checksums: bool = True) -> dict[str, Any]:
+    tensors: dict[str, dict[str, Any]] = {}
+    for c in manifest.components:
+        loaded: dict[str, Any] = {}
+        for shard in c.shards:
+            loaded.update(read_shard(step_dir / shard.file, shard if verify_checksums else None))
+        for alias, target in c.aliases.items():
+            loaded[alias] = loaded[target]
+        tensors[c.name] = loaded
+
+    def lookup(component: str, name: str) -> Any:
+        try:
+            return tensors[component][name]
+        except KeyError:
+            raise CorruptCheckpoint(f"{step_dir}: tensor {component}/{name} missing from the shards") from None
+
+    out = tree.decode(manifest.tree, lookup)
+    if not isinstance(out, dict):
+        raise CorruptCheckpoint(f"{step_dir}: manifest tree is not a dict")
+    return out
+
+
+def read_shard(path: Path, record: FileRecord | None) -> dict[str, Any]:
+    """Read one safetensors shard into CPU tensors, hashing it as it is read when ``record``."""
+    import torch
+
+    from ckptd.torch_dtypes import FROM_SAFETENSORS
+
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        buf = torch.empty(size, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        h = checksum.new()
+        pos = 0
+        while pos < size:
+            n = os.readv(fd, [view[pos : pos + _CHUNK]])
+            if n == 0:
+                raise CorruptCheckpoint(f"{path}: file shrank while being read")
+            h.update(view[pos : pos + n])
+            pos += n
+    finally:
+        os.close(fd)
+    if record is not None and (size != record.bytes or h.hexdigest() != record.xxh3_128):
+        raise CorruptCheckpoint(
+            f"{path}: content does not match the manifest checksum ({size} bytes, expected "
+            f"{record.bytes}); the file is corrupted"
+        )
+    try:
+        header = decode_header(bytes(view[: header_span(bytes(view[:8]))]), size, str(path))
+    except ShardFormatError as e:
+        raise CorruptCheckpoint(str(e)) from e
+    out = {}
+    for e in header.entries:
+        dtype = FROM_SAFETENSORS[e.dtype]
+        raw = buf[header.data_start + e.start : header.data_start + e.end]
+        if (header.data_start + e.start) % dtype.itemsize:
+            raw = raw.clone()  # unaligned (not written by ckptd): copy before reinterpreting
+        out[e.name] = raw.view(dtype).reshape(e.shape)
+    return out

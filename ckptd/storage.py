@@ -1,0 +1,57 @@
+"""The filesystem operations of the daemon's write path, behind one small interface.
+
+Every write, fsync, rename and removal the daemon makes goes through a ``Storage``. The real one
+calls the OS; fault-injection tests subclass it to return ENOSPC, EIO, or to forget what was not
+fsynced. Methods are called from the daemon's writer threads and must be thread-safe.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+class Storage:
+    """POSIX file operations with the durability calls ckptd's commit protocol needs."""
+
+    def mkdir(self, path: Path) -> None:
+        os.mkdir(path, 0o755)
+
+    def create(self, path: Path) -> int:
+        """Open a new file for writing; it must not exist."""
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+
+    def pwrite(self, fd: int, data: memoryview | bytes, offset: int) -> int:
+        return os.pwrite(fd, data, offset)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def fsync_dir(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def rename(self, src: Path, dst: Path) -> None:
+        """Rename; ``dst`` is replaced if it is a file (used for LATEST)."""
+        os.rename(src, dst)
+
+    def remove_tree(self, path: Path) -> None:
+        shutil.rmtree(path)
+
+    def write_all(self, fd: int, data: memoryview | bytes, offset: int) -> int:
+        """pwrite until every byte is written; returns the offset after the data."""
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            n = self.pwrite(fd, view[done:], offset + done)
+            if n <= 0:
+                raise OSError(f"pwrite wrote {n} bytes")
+            done += n
+        return offset + done

@@ -1,0 +1,86 @@
+"""Restoring a checkpoint in place into the objects a user snapshotted."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping, MutableSequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from client.errors import CheckpointError
+from client.tree import param_names, normalize, optimizer_param_order
+
+
+def apply(obj: object, loaded: Mapping[str, Any]) -> None:
+    """Load ``loaded`` (from ``ckptd.load``) into ``obj``: modules, optimizers and dict trees in
+    place (tensors copied into the existing ones), plain values set on the dicts that hold them."""
+    top = normalize(obj)
+    missing = [k for k in top if k not in loaded]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint has no {missing}; it holds {sorted(loaded)}", code="restore_mismatch"
+        )
+    modules = {k: v for k, v in top.items() if isinstance(v, nn.Module)}
+    names = param_names(modules)
+    for key, target in top.items():
+        value = loaded[key]
+        if isinstance(target, nn.Module):
+            target.load_state_dict(value)
+        elif isinstance(target, torch.optim.Optimizer):
+            target.load_state_dict(_optimizer_state(target, value, names))
+        elif isinstance(obj, MutableMapping):
+            obj[key] = _merge(target, value, key)
+        else:
+            _merge(target, value, key)
+
+
+def _merge(target: Any, value: Any, where: str) -> Any:
+    """Copy ``value`` into ``target`` where ``target`` can be updated in place; returns what the
+    container should now hold."""
+    if isinstance(target, torch.Tensor) and isinstance(value, torch.Tensor):
+        if target.shape != value.shape:
+            raise CheckpointError(
+                f"{where}: checkpoint tensor has shape {tuple(value.shape)}, target {tuple(target.shape)}",
+                code="restore_mismatch",
+            )
+        with torch.no_grad():
+            target.copy_(value)
+        return target
+    if isinstance(target, MutableMapping) and isinstance(value, Mapping):
+        for k, v in value.items():
+            target[k] = _merge(target[k], v, f"{where}.{k}") if k in target else v
+        return target
+    if isinstance(target, MutableSequence) and isinstance(value, list) and len(target) == len(value):
+        for i, v in enumerate(value):
+            target[i] = _merge(target[i], v, f"{where}.{i}")
+        return target
+    return value
+
+
+def _optimizer_state(opt: torch.optim.Optimizer, saved: Mapping[str, Any], names: dict[int, str]) -> dict[str, Any]:
+    """Turn name-keyed optimizer state back into torch's index-keyed form for ``opt``."""
+    params = optimizer_param_order(opt)
+    fqns = [names.get(id(p), str(i)) for i, p in enumerate(params)]
+    index = {fqn: i for i, fqn in enumerate(fqns)}
+    saved_groups = saved["param_groups"]
+    if len(saved_groups) != len(opt.param_groups):
+        raise CheckpointError(
+            f"checkpoint optimizer has {len(saved_groups)} param groups, this one {len(opt.param_groups)}",
+            code="restore_mismatch",
+        )
+    groups = []
+    pos = 0
+    for i, (sg, cg) in enumerate(zip(saved_groups, opt.param_groups, strict=True)):
+        current = fqns[pos : pos + len(cg["params"])]
+        pos += len(cg["params"])
+        if sorted(sg["params"]) != sorted(current):
+            only_saved = sorted(set(sg["params"]) - set(current))[:5]
+            only_here = sorted(set(current) - set(sg["params"]))[:5]
+            raise CheckpointError(
+                f"param group {i} differs: only in checkpoint {only_saved}, only here {only_here}",
+                code="restore_mismatch",
+            )
+        groups.append({**sg, "params": [index[f] for f in current]})
+    state = {index[fqn]: s for fqn, s in saved["state"].items() if fqn in index}
+    return {"state": state, "param_groups": groups}
