@@ -12,16 +12,22 @@ from pathlib import Path
 from ckptd import paths, reading
 from ckptd.manifest import ManifestError, read_manifest
 from ckptd.sizes import format_size, parse_size
+from ckptd.storage import Storage
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, storage: Storage | None = None) -> int:
+    """Run the CLI; ``storage`` replaces the daemon's write layer (fault-injection tests)."""
     parser = argparse.ArgumentParser(prog="ckptd", description="Asynchronous checkpoint daemon for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the daemon")
-    serve.add_argument("--root", type=Path, default=None, help="checkpoint root (default $CKPTD_ROOT or ./checkpoints)")
+    serve.add_argument(
+        "--root", type=Path, default=None, help="checkpoint root (default $CKPTD_ROOT or ./checkpoints)"
+    )
     serve.add_argument("--socket", type=Path, default=None, help="Unix socket (default $CKPTD_SOCKET)")
-    serve.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB or 500MiB (default 5GB)")
+    serve.add_argument(
+        "--max-shard-size", default="5GB", help="largest shard, e.g. 5GB or 500MiB (default 5GB)"
+    )
     serve.add_argument("--keep-last", type=int, default=0, help="committed steps kept per run (0: all)")
     serve.add_argument("--workers", type=int, default=4, help="shard writer threads (default 4)")
     serve.add_argument("--budget", default="4GiB", help="bytes of snapshots written at once (default 4GiB)")
@@ -42,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "serve":
-        return _serve(args)
+        return _serve(args, storage)
     if args.command == "ls":
         return _ls(args.root, as_json=args.json)
     if args.command == "verify":
@@ -50,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     return _status(args.socket, as_json=args.json)
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace, storage: Storage | None) -> int:
     from ckptd.daemon.server import DaemonError, DaemonOptions, run_daemon
 
     try:
@@ -75,7 +81,9 @@ def _serve(args: argparse.Namespace) -> int:
         filename=args.log_file,
     )
     try:
-        run_daemon(options, on_ready=(lambda: _signal_ready(ready_fd)) if ready_fd is not None else None)
+        run_daemon(
+            options, storage, on_ready=(lambda: _signal_ready(ready_fd)) if ready_fd is not None else None
+        )
     except (DaemonError, OSError) as e:
         logging.getLogger("ckptd").error("%s", e)
         if ready_fd is not None:
@@ -125,18 +133,21 @@ def _ls(root: Path, *, as_json: bool) -> int:
     if not root.is_dir():
         print(f"ckptd ls: {root} is not a directory", file=sys.stderr)
         return 2
-    rows = []
+    rows: list[dict[str, object]] = []
     for run_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         latest = paths.read_latest(run_dir)
         for step, step_dir in paths.committed_steps(run_dir):
+            row: dict[str, object] = {"run": run_dir.name, "step": step, "path": str(step_dir)}
             try:
                 m = read_manifest(step_dir)
-                row = {"run": run_dir.name, "step": step, "bytes": m.bytes, "created_unix": m.created_unix,
-                       "components": [c.name for c in m.components], "latest": step_dir.name == latest,
-                       "path": str(step_dir), "ok": True}
+                row |= {
+                    "bytes": m.bytes,
+                    "components": [c.name for c in m.components],
+                    "latest": step_dir.name == latest,
+                    "created_unix": m.created_unix,
+                }
             except ManifestError as e:
-                row = {"run": run_dir.name, "step": step, "bytes": 0, "created_unix": 0.0, "components": [],
-                       "latest": False, "path": str(step_dir), "ok": False, "error": str(e)}
+                row |= {"bytes": 0, "components": [], "latest": False, "error": str(e)}
             rows.append(row)
     if as_json:
         print(json.dumps(rows, indent=2))
@@ -146,9 +157,10 @@ def _ls(root: Path, *, as_json: bool) -> int:
         return 0
     print(f"{'RUN':<20} {'STEP':>10} {'SIZE':>10}  {'COMPONENTS':<30} NOTE")
     for r in rows:
-        note = "LATEST" if r["latest"] else ("" if r["ok"] else "no valid manifest")
-        print(f"{r['run']:<20} {r['step']:>10} {format_size(int(r['bytes'])):>10}  "
-              f"{','.join(r['components']):<30} {note}")
+        note = "LATEST" if r["latest"] else ("NOT A CHECKPOINT: " + str(r["error"]) if "error" in r else "")
+        size = format_size(r["bytes"]) if isinstance(r["bytes"], int) else "?"
+        components = ",".join(map(str, r["components"])) if isinstance(r["components"], list) else ""
+        print(f"{r['run']!s:<20} {r['step']!s:>10} {size:>10}  {components:<30} {note}")
     return 0
 
 
@@ -169,9 +181,9 @@ def _verify(path: Path) -> int:
 
 
 def _status(socket_path: Path | None, *, as_json: bool) -> int:
+    from ckptd.protocol import StatusReply, StatusRequest, decode_daemon
     from client.channel import Channel
     from client.errors import CheckpointError
-    from ckptd.protocol import StatusRequest, StatusReply, decode_daemon
 
     path = socket_path or _default_socket()
     try:
@@ -198,11 +210,14 @@ def _status(socket_path: Path | None, *, as_json: bool) -> int:
     if as_json:
         print(reply.model_dump_json(indent=2))
         return 0
-    print(f"ckptd pid {reply.pid}  root {reply.root}  up {reply.uptime_s:.0f}s  clients {reply.clients}  "
-          f"arenas {reply.arenas} ({format_size(reply.arena_bytes)})")
+    print(
+        f"ckptd pid {reply.pid}  root {reply.root}  up {reply.uptime_s:.0f}s  clients {reply.clients}  "
+        f"arenas {reply.arenas} ({format_size(reply.arena_bytes)})"
+    )
     print(f"committed {reply.committed}  failed {reply.failed}  written {format_size(reply.bytes_written)}")
     for j in reply.jobs:
         frac = j.bytes_written / j.bytes if j.bytes else 1.0
         bar = "#" * int(frac * 20)
-        print(f"  {j.run} step {j.step:<8} {j.stage:<9} [{bar:<20}] {frac:5.1%} of {format_size(j.bytes)}  {j.age_s:.1f}s")
+        size = format_size(j.bytes)
+        print(f"  {j.run} step {j.step:<8} {j.stage:<9} [{bar:<20}] {frac:5.1%} of {size}  {j.age_s:.1f}s")
     return 0

@@ -119,9 +119,7 @@ def _place_shard(specs: Sequence[TensorSpec], offset: int) -> ShardLayout:
     return ShardLayout(offset=offset, nbytes=pos, tensors=tuple(placements))
 
 
-def plan(
-    components: Sequence[tuple[str, Sequence[TensorSpec]]], max_shard_size: int
-) -> Layout:
+def plan(components: Sequence[tuple[str, Sequence[TensorSpec]]], max_shard_size: int) -> Layout:
     """Place every component's tensors in one arena slot. Pure; callers cache it by signature."""
     if max_shard_size <= 0:
         raise ValueError(f"max_shard_size must be positive, got {max_shard_size}")

@@ -5,6 +5,7 @@ A directory without a manifest that parses and verifies is not a checkpoint.
 
 from __future__ import annotations
 
+import builtins
 from pathlib import Path
 from typing import Literal
 
@@ -36,7 +37,7 @@ class ComponentRecord(_Model):
 
 
 class Manifest(_Model):
-    format: Literal["ckptd/1"] = FORMAT
+    format: Literal["ckptd/1"] = "ckptd/1"
     ckptd_version: str
     run: str
     step: int
@@ -54,7 +55,7 @@ class Manifest(_Model):
         body = self.model_copy(update={"checksum": ""}).model_dump_json(indent=1)
         return self.model_copy(update={"checksum": checksum.of_bytes(body.encode())})
 
-    def to_bytes(self) -> bytes:
+    def to_bytes(self) -> builtins.bytes:
         return self.sealed().model_dump_json(indent=1).encode() + b"\n"
 
 

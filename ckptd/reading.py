@@ -125,7 +125,9 @@ def load_manifest(step_dir: Path, manifest: Manifest, *, verify_checksums: bool 
         try:
             return tensors[component][name]
         except KeyError:
-            raise CorruptCheckpoint(f"{step_dir}: tensor {component}/{name} missing from the shards") from None
+            raise CorruptCheckpoint(
+                f"{step_dir}: tensor {component}/{name} missing from the shards"
+            ) from None
 
     out = tree.decode(manifest.tree, lookup)
     if not isinstance(out, dict):
@@ -143,7 +145,7 @@ def read_shard(path: Path, record: FileRecord | None) -> dict[str, Any]:
     try:
         size = os.fstat(fd).st_size
         buf = torch.empty(size, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
+        view = memoryview(buf.numpy())  # type: ignore[arg-type]
         h = checksum.new()
         pos = 0
         while pos < size:
@@ -164,10 +166,10 @@ def read_shard(path: Path, record: FileRecord | None) -> dict[str, Any]:
     except ShardFormatError as e:
         raise CorruptCheckpoint(str(e)) from e
     out = {}
-    for e in header.entries:
-        dtype = FROM_SAFETENSORS[e.dtype]
-        raw = buf[header.data_start + e.start : header.data_start + e.end]
-        if (header.data_start + e.start) % dtype.itemsize:
+    for entry in header.entries:
+        dtype = FROM_SAFETENSORS[entry.dtype]
+        raw = buf[header.data_start + entry.start : header.data_start + entry.end]
+        if (header.data_start + entry.start) % dtype.itemsize:
             raw = raw.clone()  # unaligned (not written by ckptd): copy before reinterpreting
-        out[e.name] = raw.view(dtype).reshape(e.shape)
+        out[entry.name] = raw.view(dtype).reshape(entry.shape)
     return out

@@ -44,7 +44,7 @@ def header_span(first8: bytes) -> int:
     """Bytes from the start of a file to the end of its header, from its first 8 bytes."""
     if len(first8) < _U64.size:
         return len(first8)
-    (n,) = _U64.unpack_from(first8)
+    n: int = _U64.unpack_from(first8)[0]
     return _U64.size + min(n, MAX_HEADER_BYTES + 1)
 
 
@@ -92,12 +92,10 @@ def decode_header(prefix: bytes, file_size: int, what: str) -> ParsedHeader:
         entries.append(HeaderEntry(name, dtype, shape, start, end))
     data_start = _U64.size + n
     pos = 0
-    for e in sorted(entries, key=lambda e: (e.start, e.end)):
-        if e.start != pos:
-            raise ShardFormatError(f"{what}: data of {e.name!r} does not start where the last ended")
-        pos = e.end
+    for entry in sorted(entries, key=lambda x: (x.start, x.end)):
+        if entry.start != pos:
+            raise ShardFormatError(f"{what}: data of {entry.name!r} does not start where the last ended")
+        pos = entry.end
     if data_start + pos != file_size:
-        raise ShardFormatError(
-            f"{what}: header describes {data_start + pos} bytes, file has {file_size}"
-        )
+        raise ShardFormatError(f"{what}: header describes {data_start + pos} bytes, file has {file_size}")
     return ParsedHeader(data_start, tuple(entries), {str(k): str(v) for k, v in metadata.items()})

@@ -3,7 +3,8 @@
 Nodes: plain JSON values (int, float, str, bool, None) stand for themselves; containers and
 tensors are tagged objects, so a user's dict can never be mistaken for a node:
 ``{"$dict": {...}}``, ``{"$list": [...]}``, ``{"$tuple": [...]}``,
-``{"$tensor": [component, name]}``, ``{"$float": "nan"}`` (also ``inf``, ``-inf``),, ``{"$module": component, "keys": [...]}`` (a state dict),
+``{"$tensor": [component, name]}``,
+``{"$float": "nan"}`` (or ``inf``, ``-inf``),, ``{"$module": component, "keys": [...]}`` (a state dict),
 ``{"$optimizer": component, "state": node, "param_groups": node}`` (state keyed by parameter
 name, as ``state.<param fqn>.exp_avg`` in the component's shards).
 """

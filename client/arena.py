@@ -46,14 +46,15 @@ class Arena:
         """Page-lock the mapping once so device-to-host copies into it run asynchronously."""
         if self._cuda_registered:
             return
-        err = torch.cuda.cudart().cudaHostRegister(self.bytes.data_ptr(), self.size, 0)
+        cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
+        err = cudart.cudaHostRegister(self.bytes.data_ptr(), self.size, 0)
         if int(err) != 0:
             raise RuntimeError(f"cudaHostRegister of a {self.size}-byte arena failed with error {int(err)}")
         self._cuda_registered = True
 
     def close(self) -> None:
         if self._cuda_registered:
-            torch.cuda.cudart().cudaHostUnregister(self.bytes.data_ptr())
+            torch.cuda.cudart().cudaHostUnregister(self.bytes.data_ptr())  # type: ignore[no-untyped-call]
             self._cuda_registered = False
         self.views = []
         del self.bytes

@@ -99,7 +99,9 @@ class Channel:
                     code="daemon_died",
                 ) from e
 
-    def _read_loop(self, on_message: Callable[[DaemonMessage], None], on_close: Callable[[str], None]) -> None:
+    def _read_loop(
+        self, on_message: Callable[[DaemonMessage], None], on_close: Callable[[str], None]
+    ) -> None:
         reason = "ckptd closed the connection (the daemon died or was stopped)"
         try:
             while True:

@@ -23,7 +23,7 @@ import torch
 
 from ckptd import layout as layout_mod
 from ckptd import paths, reading
-from ckptd.manifest import ManifestError
+from ckptd.manifest import ManifestError, read_manifest
 from ckptd.protocol import (
     Committed,
     ComponentEntry,
@@ -239,7 +239,13 @@ class Client:
             return self._plan
         max_shard = parse_size(self.options.max_shard_size or self._welcome_max_shard())
         specs = [
-            (c.name, [layout_mod.TensorSpec(n, safetensors_dtype(t.dtype, n), tuple(t.shape)) for n, t in c.tensors])
+            (
+                c.name,
+                [
+                    layout_mod.TensorSpec(n, safetensors_dtype(t.dtype, n), tuple(t.shape))
+                    for n, t in c.tensors
+                ],
+            )
             for c in flat.components
         ]
         lay = layout_mod.plan(specs, max_shard)
@@ -295,18 +301,23 @@ class Client:
             ]
             arena.views_key = plan
         return [
-            (dst, flat.components[ci].tensors[ti][1]) for dst, (ci, ti) in zip(arena.views, plan.order, strict=True)
+            (dst, flat.components[ci].tensors[ti][1])
+            for dst, (ci, ti) in zip(arena.views, plan.order, strict=True)
         ]
 
     def _stage_cuda(
-        self, arena: Arena, pairs: list[tuple[torch.Tensor, torch.Tensor]], handle: SnapshotHandle, request: Snapshot
+        self,
+        arena: Arena,
+        pairs: list[tuple[torch.Tensor, torch.Tensor]],
+        handle: SnapshotHandle,
+        request: Snapshot,
     ) -> None:
         # DESIGN §8: the copy stream waits for pending work, copies run non_blocking into the
         # page-locked arena, and the current stream waits for the copies so later in-place
         # updates cannot race them. The I/O side sends the request once the event has fired.
         arena.pin_for_cuda()
         if self._copy_stream is None:
-            self._copy_stream = torch.cuda.Stream()
+            self._copy_stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
             self._gpu_sender = ThreadPoolExecutor(1, thread_name_prefix="ckptd-gpu-send")
         stream, current = self._copy_stream, torch.cuda.current_stream()
         stream.wait_stream(current)
@@ -315,7 +326,7 @@ class Client:
                 dst.copy_(src, non_blocking=src.is_cuda)
                 if src.is_cuda:
                     src.record_stream(stream)
-        event = torch.cuda.Event()
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
         event.record(stream)
         current.wait_stream(stream)
         assert self._gpu_sender is not None
@@ -425,7 +436,9 @@ class Client:
         with self._lock:
             pending = list(self._pending)
         for snapshot_id in pending:
-            self._fail(snapshot_id, CheckpointError(f"{reason}; this snapshot was not committed", code="daemon_died"))
+            self._fail(
+                snapshot_id, CheckpointError(f"{reason}; this snapshot was not committed", code="daemon_died")
+            )
         with self._status_ready:
             self._status_ready.notify_all()
 
@@ -457,7 +470,7 @@ class Client:
             candidates = reading.candidates(run_dir)
         for i, step_dir in enumerate(candidates):
             try:
-                manifest = reading.read_manifest(step_dir)
+                manifest = read_manifest(step_dir)
                 loaded = reading.load_manifest(step_dir, manifest)
             except (ManifestError, reading.CorruptCheckpoint, OSError) as e:
                 if step is not None:

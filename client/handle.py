@@ -81,7 +81,9 @@ class SnapshotHandle:
         try:
             return self._future.result(timeout)
         except concurrent.futures.TimeoutError:
-            raise TimeoutError(f"step {self.step} of run {self.run!r} not committed after {timeout}s") from None
+            raise TimeoutError(
+                f"step {self.step} of run {self.run!r} not committed after {timeout}s"
+            ) from None
 
     async def done(self) -> CommitInfo | None:
         """Await the commit; raises ``CheckpointError`` if the snapshot failed."""

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from client.errors import CheckpointError
-from client.tree import param_names, normalize, optimizer_param_order
+from client.tree import normalize, optimizer_param_order, param_names
 
 
 def apply(obj: object, loaded: Mapping[str, Any]) -> None:
@@ -29,7 +29,7 @@ def apply(obj: object, loaded: Mapping[str, Any]) -> None:
             target.load_state_dict(value)
         elif isinstance(target, torch.optim.Optimizer):
             target.load_state_dict(_optimizer_state(target, value, names))
-        elif isinstance(obj, MutableMapping):
+        elif isinstance(obj, MutableMapping) and obj.get(key) is target:  # obj is the tree itself
             obj[key] = _merge(target, value, key)
         else:
             _merge(target, value, key)
@@ -58,7 +58,9 @@ def _merge(target: Any, value: Any, where: str) -> Any:
     return value
 
 
-def _optimizer_state(opt: torch.optim.Optimizer, saved: Mapping[str, Any], names: dict[int, str]) -> dict[str, Any]:
+def _optimizer_state(
+    opt: torch.optim.Optimizer, saved: Mapping[str, Any], names: dict[int, str]
+) -> dict[str, Any]:
     """Turn name-keyed optimizer state back into torch's index-keyed form for ``opt``."""
     params = optimizer_param_order(opt)
     fqns = [names.get(id(p), str(i)) for i, p in enumerate(params)]

@@ -49,7 +49,12 @@ def spawn_daemon(socket_path: Path, root: Path, extra_args: list[str], timeout_s
     ]
     try:
         done = subprocess.run(
-            cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout_s,
+            cmd,
+            check=False,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
             start_new_session=True,
         )
     except subprocess.TimeoutExpired as e:

@@ -49,7 +49,7 @@ class Component:
                 "parameter); onload the model (accelerate) before snapshotting"
             )
         safetensors_dtype(t.dtype, name)
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        key = (t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape), t.stride(), t.dtype)
         if t.numel() and key in self._seen:
             self.aliases[name] = self._seen[key]
             return

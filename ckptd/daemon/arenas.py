@@ -46,7 +46,9 @@ class Arena:
 
     def view(self, offset: int, nbytes: int) -> memoryview:
         if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
-            raise ArenaError(f"range [{offset}, {offset + nbytes}) outside arena {self.id} of {self.size} bytes")
+            raise ArenaError(
+                f"range [{offset}, {offset + nbytes}) outside arena {self.id} of {self.size} bytes"
+            )
         return memoryview(self._map)[offset : offset + nbytes]
 
     def acquire(self) -> None:

@@ -148,8 +148,13 @@ class Pipeline:
                     timings=job.timings,
                 )
             )
-            log.info("[run=%s step=%s] committed %s bytes in %.3fs", req.run, req.step, job.nbytes,
-                     time.monotonic() - job.started)
+            log.info(
+                "[run=%s step=%s] committed %s bytes in %.3fs",
+                req.run,
+                req.step,
+                job.nbytes,
+                time.monotonic() - job.started,
+            )
         except Exception as e:  # every failure is reported to the client, never swallowed
             self.failed += 1
             job.mark("failed")
@@ -187,8 +192,9 @@ class Pipeline:
                     None, commit.apply_retention, st, staged.run_dir, self.options.keep_last, path
                 )
                 if removed:
-                    log.info("[run=%s step=%s] retention removed %s", req.run, req.step,
-                             [p.name for p in removed])
+                    log.info(
+                        "[run=%s step=%s] retention removed %s", req.run, req.step, [p.name for p in removed]
+                    )
             except OSError as e:  # the new checkpoint is committed; an old one lingers
                 log.warning("[run=%s step=%s] retention failed: %s", req.run, req.step, e)
             job.mark("pruned")
@@ -241,9 +247,7 @@ class Pipeline:
         files = []
         for c, entry in zip(components, req.components, strict=True):
             weight_map = {
-                t.name: shard.file
-                for shard, s in zip(c.shards, entry.shards, strict=True)
-                for t in s.tensors
+                t.name: shard.file for shard, s in zip(c.shards, entry.shards, strict=True) for t in s.tensors
             }
             index = {"metadata": {"total_size": c.total_size}, "weight_map": weight_map}
             text = json.dumps(index, indent=2, sort_keys=True) + "\n"

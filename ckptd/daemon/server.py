@@ -173,8 +173,9 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 self.options.socket_path.unlink()
         if not await self.pipeline.drain(self.options.drain_timeout_s):
-            log.error("in-flight snapshots did not finish within %ss; abandoning them",
-                      self.options.drain_timeout_s)
+            log.error(
+                "in-flight snapshots did not finish within %ss; abandoning them", self.options.drain_timeout_s
+            )
         for conn in list(self._connections):
             conn.close()
         await asyncio.sleep(0)  # let queued replies flush
