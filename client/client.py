@@ -127,6 +127,9 @@ class Client:
 
     def _reconnect(self) -> None:
         deadline = time.monotonic() + self.options.connect_timeout_s
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
         try:
             channel = Channel.open(self.socket_path)
         except (FileNotFoundError, ConnectionRefusedError) as e:

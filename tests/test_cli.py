@@ -244,7 +244,9 @@ def test_status_without_daemon(workdir: Path) -> None:
 # --- retention -----------------------------------------------------------------------------------
 
 
-def test_keep_last_keeps_newest_steps(start_daemon: Callable[..., DaemonProc], connect: Callable[..., Client]) -> None:
+def test_keep_last_keeps_newest_steps(
+    start_daemon: Callable[..., DaemonProc], connect: Callable[..., Client]
+) -> None:
     d = start_daemon("--keep-last", "2")
     client = connect(d)
     for step in range(1, 6):

@@ -1,0 +1,33 @@
+# Set-up, demo, tests and benchmarks. `make setup` makes .venv and installs ckptd into it.
+# TORCH pins a torch that installs here without a multi-gigabyte download; override it with
+# e.g. `make setup TORCH=torch==2.5.1` (or TORCH=torch for the default CUDA build).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint typecheck clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q "$(TORCH)"
+	$(BIN)/pip install --disable-pip-version-check -q -e ".[test]"
+	touch $@
+
+demo: setup
+	$(BIN)/python examples/demo.py
+
+lint: setup
+	$(BIN)/ruff check ckptd client tests examples
+	$(BIN)/ruff format --check ckptd client tests examples
+
+typecheck: setup
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

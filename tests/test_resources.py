@@ -1,0 +1,85 @@
+"""Arenas are reused: descriptors, mappings and arenas stay flat; back-pressure policies hold."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+import torch
+from conftest import DaemonProc
+from helpers import memfd_mappings, open_fds
+
+from client import CheckpointError, Client
+
+
+def test_fifty_cycles_keep_descriptors_and_arenas_flat(client: Client) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.Linear(128, 128))
+    opt = torch.optim.AdamW(model.parameters())
+
+    def cycle(step: int) -> None:
+        opt.zero_grad()
+        model(torch.randn(8, 128)).sum().backward()
+        opt.step()
+        client.snapshot({"model": model, "optimizer": opt, "step": step}, step=step).wait(30)
+
+    for step in range(5):  # warm-up: arenas reach their size once optimizer state exists
+        cycle(step)
+    fds, maps, arenas = open_fds(), memfd_mappings(), client.status().arenas
+    for step in range(5, 55):
+        cycle(step)
+    assert open_fds() == fds
+    assert memfd_mappings() == maps <= 2
+    assert client.status().arenas == arenas <= 2
+
+
+def test_busy_slots_block_skip_or_error(
+    start_daemon: Callable[..., DaemonProc], connect: Callable[..., Client]
+) -> None:
+    d = start_daemon(faults="slow:0.5")
+    c = connect(d, slots=1)
+    state = {"w": torch.ones(256)}
+    first = c.snapshot(state, step=1)
+    skipped = c.snapshot(state, step=2, policy="skip")
+    assert skipped.skipped and skipped.wait(1) is None
+    with pytest.raises(CheckpointError, match="slots are still being written") as e:
+        c.snapshot(state, step=3, policy="error")
+    assert e.value.code == "busy"
+    t0 = time.monotonic()
+    blocked = c.snapshot(state, step=4)  # waits for the slot
+    assert first.done_now(), "block returns only once a slot is free"
+    assert time.monotonic() - t0 > 0.1
+    assert blocked.wait(30) is not None
+    assert not (d.root / "default" / "step-000002").exists()
+
+
+def test_two_slots_let_the_next_snapshot_stage_while_one_is_written(
+    start_daemon: Callable[..., DaemonProc], connect: Callable[..., Client]
+) -> None:
+    d = start_daemon(faults="slow:0.5")
+    c = connect(d, slots=2)
+    h1 = c.snapshot({"w": torch.ones(256)}, step=1)
+    t0 = time.monotonic()
+    h2 = c.snapshot({"w": torch.ones(256)}, step=2)
+    assert time.monotonic() - t0 < 0.4, "the second snapshot did not wait for the first write"
+    assert not h1.done_now()
+    assert h1.wait(30) is not None and h2.wait(30) is not None
+
+
+def test_growing_snapshot_replaces_arenas_without_leaking(client: Client) -> None:
+    for step, n in enumerate([16, 2**20, 2**21, 16]):
+        client.snapshot({"w": torch.ones(n)}, step=step).wait(30)
+    assert memfd_mappings() <= 2
+    assert client.status().arenas <= 2
+
+
+def test_close_waits_for_in_flight_snapshots(
+    start_daemon: Callable[..., DaemonProc], connect: Callable[..., Client]
+) -> None:
+    d = start_daemon(faults="slow:0.3")
+    c = connect(d)
+    handle = c.snapshot({"w": torch.ones(8)}, step=1)
+    c.close()
+    assert handle.done_now() and handle.wait() is not None
+    assert memfd_mappings() == 0
