@@ -45,6 +45,8 @@ class CommitError(RuntimeError):
 
 def stage(storage: Storage, root: Path, run: str, step: int) -> StagedCheckpoint:
     run_dir = root / paths.check_name("run", run)
+    if run_dir.is_symlink():
+        raise CommitError(f"{run_dir} is a symlink; ckptd writes only to real directories under its root")
     if not run_dir.is_dir():
         try:
             storage.mkdir(run_dir)

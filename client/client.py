@@ -82,6 +82,7 @@ class Client:
         self._expected_root: Path | None = None
         self._ids = itertools.count(1)
         self._lock = threading.Condition()
+        self._snapshot_lock = threading.Lock()  # one snapshot() at a time per client
         self._arenas: list[Arena] = []
         self._registered: set[int] = set()
         self._pending: dict[int, tuple[SnapshotHandle, Arena]] = {}
@@ -187,6 +188,17 @@ class Client:
         ``skip`` returns a handle with ``skipped`` set, ``error`` raises ``CheckpointError``.
         A failure of an earlier snapshot that nobody looked at is raised here.
         """
+        with self._snapshot_lock:
+            return self._snapshot(obj, step, run, on_done, policy)
+
+    def _snapshot(
+        self,
+        obj: object,
+        step: int,
+        run: str | None,
+        on_done: Callable[[SnapshotHandle], object] | None,
+        policy: Policy,
+    ) -> SnapshotHandle:
         started = now()
         self._raise_unobserved()
         if self._closed:

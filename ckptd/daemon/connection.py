@@ -56,7 +56,7 @@ class Connection:
         self._out: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._hello = False
         self.closed = False
-        self._writer = asyncio.create_task(self._write_loop(), name=f"ckptd-conn-{peer_pid}-writer")
+        self.writer = asyncio.create_task(self._write_loop(), name=f"ckptd-conn-{peer_pid}-writer")
         self._loop.add_reader(sock.fileno(), self._on_readable)
 
     # --- sending ---------------------------------------------------------------------------------
@@ -177,5 +177,5 @@ class Connection:
         self.arenas.clear()
         while self._fds:
             os.close(self._fds.popleft())
-        self._writer.add_done_callback(lambda _: self._sock.close())
+        self.writer.add_done_callback(lambda _: self._sock.close())
         self.daemon.forget(self)

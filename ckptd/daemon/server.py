@@ -176,9 +176,11 @@ class Daemon:
             log.error(
                 "in-flight snapshots did not finish within %ss; abandoning them", self.options.drain_timeout_s
             )
+        writers = [conn.writer for conn in self._connections]
         for conn in list(self._connections):
             conn.close()
-        await asyncio.sleep(0)  # let queued replies flush
+        if writers:  # let queued replies (the drained jobs' Committed) reach their clients
+            await asyncio.wait(writers, timeout=5.0)
         self.pipeline.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
