@@ -112,6 +112,10 @@ def load(path: str | os.PathLike[str], *, verify_checksums: bool = True) -> dict
 
 
 def load_manifest(step_dir: Path, manifest: Manifest, *, verify_checksums: bool = True) -> dict[str, Any]:
+    if verify_checksums:
+        problems = [p for f in manifest.files for p in _check_file(step_dir, f, shard_file=False)]
+        if problems:
+            raise CorruptCheckpoint("; ".join(problems))
     tensors: dict[str, dict[str, Any]] = {}
     for c in manifest.components:
         loaded: dict[str, Any] = {}
@@ -141,7 +145,12 @@ def read_shard(path: Path, record: FileRecord | None) -> dict[str, Any]:
 
     from ckptd.torch_dtypes import FROM_SAFETENSORS
 
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise CorruptCheckpoint(
+            f"{path}: cannot read shard ({e.strerror}); the checkpoint is incomplete"
+        ) from e
     try:
         size = os.fstat(fd).st_size
         buf = torch.empty(size, dtype=torch.uint8)

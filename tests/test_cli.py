@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DaemonProc
 from torch import nn
 
 import ckptd
 from ckptd.manifest import ManifestError, read_manifest
 from ckptd.sizes import format_size
 from client import Client
-from conftest import DaemonProc
 
 
 def run_cli(*args: str | Path, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
@@ -230,7 +230,6 @@ def test_status_json_counts_commits(daemon: DaemonProc, client: Client) -> None:
     assert after["failed"] == 0
     assert after["bytes_written"] > 0
     assert after["jobs"] == []
-    assert "committed 2" in run_cli("status", "--socket", daemon.socket).stdout
 
 
 def test_status_without_daemon(workdir: Path) -> None:

@@ -148,6 +148,11 @@ class Connection:
 
     def _on_snapshot(self, msg: Snapshot) -> None:
         arena = self.arenas.get(msg.arena)
+        if self.daemon.stopping:
+            self.send(
+                Failed(id=msg.id, code="stopping", message="ckptd is shutting down; snapshot not taken")
+            )
+            return
         try:
             if arena is None:
                 raise InvalidRequest(f"arena {msg.arena} is not registered on this connection")

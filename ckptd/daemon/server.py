@@ -119,6 +119,10 @@ class Daemon:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     # --- main loop -------------------------------------------------------------------------------
 
     def _accept(self) -> None:
