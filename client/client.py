@@ -235,17 +235,22 @@ class Client:
                 self._pending[handle.id] = (handle, arena)
                 self._handles.append(handle)
             if flat.cuda:
-                self._stage_cuda(arena, pairs, handle, request)
+                event = self._stage_cuda(arena, pairs)
             else:
                 with torch.no_grad():
                     for dst, src in pairs:
                         dst.copy_(src)
                 handle._set_staged()
+            # Set before sending: the commit can be reported before this thread runs again.
+            handle.stall_s = now() - started
+            if flat.cuda:
+                assert self._gpu_sender is not None
+                self._gpu_sender.submit(self._send_when_copied, event, request, handle)
+            else:
                 self._send(request, handle)
         except BaseException:
             self._finish(handle.id)
             raise
-        handle.stall_s = now() - started
         return handle
 
     def _plan_for(self, flat: Flat) -> _Plan:
@@ -320,13 +325,7 @@ class Client:
             for dst, (ci, ti) in zip(arena.views, plan.order, strict=True)
         ]
 
-    def _stage_cuda(
-        self,
-        arena: Arena,
-        pairs: list[tuple[torch.Tensor, torch.Tensor]],
-        handle: SnapshotHandle,
-        request: Snapshot,
-    ) -> None:
+    def _stage_cuda(self, arena: Arena, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
         # DESIGN §8: the copy stream waits for pending work, copies run non_blocking into the
         # page-locked arena, and the current stream waits for the copies so later in-place
         # updates cannot race them. The I/O side sends the request once the event has fired.
@@ -344,14 +343,12 @@ class Client:
         event = torch.cuda.Event()  # type: ignore[no-untyped-call]
         event.record(stream)
         current.wait_stream(stream)
-        assert self._gpu_sender is not None
+        return event
 
-        def send_when_copied() -> None:
-            event.synchronize()
-            handle._set_staged()
-            self._send(request, handle)
-
-        self._gpu_sender.submit(send_when_copied)
+    def _send_when_copied(self, event: Any, request: Snapshot, handle: SnapshotHandle) -> None:
+        event.synchronize()
+        handle._set_staged()
+        self._send(request, handle)
 
     def _send(self, request: Snapshot, handle: SnapshotHandle) -> None:
         channel = self._channel

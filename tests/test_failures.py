@@ -59,7 +59,7 @@ def test_unobserved_failure_is_raised_by_the_next_snapshot_once(
     deadline = time.monotonic() + 30
     while not handle.done_now() and time.monotonic() < deadline:
         time.sleep(0.01)
-    with pytest.raises(CheckpointError, match="step 2 .* failed and nobody checked"):
+    with pytest.raises(CheckpointError, match=r"step 2 .* failed and nobody checked"):
         c.snapshot(_state(), step=3)
     assert c.snapshot(_state(), step=4).wait(30) is not None, "raised once, not forever"
 

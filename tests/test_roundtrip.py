@@ -43,8 +43,8 @@ def _commit(client: Client, obj: object, step: int = 1) -> CommitInfo:
 
 def _assert_states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert list(a) == list(b)
-    for k in a:
-        assert same_bits(a[k], b[k]), k
+    for k, v in a.items():
+        assert same_bits(v, b[k]), k
 
 
 def _assert_optimizers_equal(a: torch.optim.Optimizer, b: torch.optim.Optimizer) -> None:
