@@ -39,6 +39,7 @@ class Arena:
         self.bytes = torch.frombuffer(self._map, dtype=torch.uint8)
         self._cuda_registered = False
         self.busy = False
+        self.generation = 0  # snapshots copied into this arena so far
         self.views_key: object = None
         self.views: list[torch.Tensor] = []
 

@@ -63,6 +63,16 @@ class ClientOptions:
 
 
 @dataclass
+class _InFlight:
+    """A snapshot handed to the daemon: its bytes stay in ``arena`` until the outcome is known."""
+
+    handle: SnapshotHandle
+    arena: Arena
+    request: Snapshot
+    generation: int  # the arena's use count when this snapshot was copied into it
+
+
+@dataclass
 class _Plan:
     """A cached layout and the request parts that depend only on the snapshot's signature."""
 
@@ -85,7 +95,8 @@ class Client:
         self._snapshot_lock = threading.Lock()  # one snapshot() at a time per client
         self._arenas: list[Arena] = []
         self._registered: set[int] = set()
-        self._pending: dict[int, tuple[SnapshotHandle, Arena]] = {}
+        self._pending: dict[int, _InFlight] = {}
+        self._orphans: list[_InFlight] = []  # in flight when the daemon died: resubmit() sends them
         self._handles: list[SnapshotHandle] = []
         self._plan_key: object = None
         self._plan: _Plan | None = None
@@ -232,7 +243,7 @@ class Client:
             )
             pairs = self._pairs(arena, plan, flat)
             with self._lock:
-                self._pending[handle.id] = (handle, arena)
+                self._pending[handle.id] = _InFlight(handle, arena, request, arena.generation)
                 self._handles.append(handle)
             if flat.cuda:
                 event = self._stage_cuda(arena, pairs)
@@ -373,6 +384,7 @@ class Client:
                     self._arenas.append(fit)
                 if fit is not None:
                     fit.busy = True
+                    fit.generation += 1
                     return fit
                 if policy == "skip":
                     log.info("[run=%s step=%s] skipped: all %d slots busy", self.run, step, len(self._arenas))
@@ -407,9 +419,9 @@ class Client:
             entry = self._pending.pop(snapshot_id, None)
             if entry is None:
                 return None
-            entry[1].busy = False
+            entry.arena.busy = False
             self._lock.notify_all()
-        return entry[0]
+        return entry.handle
 
     def _fail(self, snapshot_id: int, error: CheckpointError) -> None:
         handle = self._finish(snapshot_id)
@@ -446,13 +458,65 @@ class Client:
 
     def _on_close(self, reason: str) -> None:
         with self._lock:
-            pending = list(self._pending)
-        for snapshot_id in pending:
+            pending = list(self._pending.values())
+            self._orphans += pending
+        for entry in pending:
             self._fail(
-                snapshot_id, CheckpointError(f"{reason}; this snapshot was not committed", code="daemon_died")
+                entry.handle.id,
+                CheckpointError(
+                    f"{reason}; step {entry.handle.step} was not committed (its bytes are kept until "
+                    "the slot is reused: client.resubmit() sends it to a restarted daemon)",
+                    code="daemon_died",
+                ),
             )
         with self._status_ready:
             self._status_ready.notify_all()
+
+    def resubmit(self) -> list[SnapshotHandle]:
+        """Send the snapshots that were in flight when the daemon died to a (restarted) daemon.
+
+        Their bytes are still in the arenas unless a later snapshot reused the slot; those are
+        skipped with a warning. Returns a new handle per resubmitted snapshot.
+
+        >>> try:                                          # doctest: +SKIP
+        ...     handle.wait()
+        ... except CheckpointError as e:
+        ...     if e.code == "daemon_died":
+        ...         handle, = client.resubmit()
+        """
+        with self._snapshot_lock:
+            if self._channel is None or self._channel.closed:
+                self._reconnect()
+            with self._lock:
+                orphans, self._orphans = self._orphans, []
+            handles = []
+            for old in sorted(orphans, key=lambda e: e.handle.id):
+                with self._lock:
+                    intact = old.arena in self._arenas and old.arena.generation == old.generation
+                    intact = intact and not old.arena.busy
+                    if intact:
+                        old.arena.busy = True
+                if not intact:
+                    log.warning(
+                        "[run=%s step=%s] cannot resubmit: its slot was reused",
+                        old.handle.run,
+                        old.handle.step,
+                    )
+                    continue
+                handle = SnapshotHandle(next(self._ids), old.handle.run, old.handle.step, now())
+                request = old.request.model_copy(update={"id": handle.id})
+                with self._lock:
+                    self._pending[handle.id] = _InFlight(handle, old.arena, request, old.generation)
+                    self._handles.append(handle)
+                try:
+                    self._register(old.arena)
+                except BaseException:
+                    self._finish(handle.id)
+                    raise
+                handle._set_staged()
+                self._send(request, handle)
+                handles.append(handle)
+            return handles
 
     # --- status, restore, close ------------------------------------------------------------------
 
@@ -468,24 +532,27 @@ class Client:
                 raise CheckpointError(f"ckptd did not answer status within {timeout_s}s", code="timeout")
             return self._status.pop()
 
-    def restore(self, obj: object, *, step: int | None = None, run: str | None = None) -> int:
+    def restore(
+        self, obj: object, *, step: int | None = None, run: str | None = None, fallback: bool = True
+    ) -> int:
         """Load a committed checkpoint into ``obj`` in place and return its step.
 
-        ``step=None`` takes the newest committed step whose checksums verify, skipping (with a
-        warning) newer ones that do not; an explicit step that does not verify raises.
+        ``step=None`` takes the newest committed step; if its checksums do not verify, an older
+        step is used (with a warning) when ``fallback``, else ``CheckpointError`` is raised. An
+        explicit ``step`` that does not verify always raises.
         """
         run = paths.check_name("run", run or self.run)
         run_dir = self.root / run
         if step is not None:
             candidates = [run_dir / paths.step_dirname(step)]
         else:
-            candidates = reading.candidates(run_dir)
+            candidates = reading.candidates(run_dir)[: None if fallback else 1]
         for i, step_dir in enumerate(candidates):
             try:
                 manifest = read_manifest(step_dir)
                 loaded = reading.load_manifest(step_dir, manifest)
             except (ManifestError, reading.CorruptCheckpoint, OSError) as e:
-                if step is not None:
+                if step is not None or not fallback:
                     raise CheckpointError(f"cannot restore {step_dir}: {e}", code="corrupt") from e
                 later = "; trying an older step" if i + 1 < len(candidates) else ""
                 log.warning("skipping %s: %s%s", step_dir, e, later)

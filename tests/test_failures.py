@@ -109,3 +109,42 @@ def test_snapshot_of_an_existing_step_fails_clearly(client: Client) -> None:
     client.snapshot(_state(), step=1).wait(30)
     with pytest.raises(CheckpointError, match="already committed"):
         client.snapshot(_state(), step=1).wait(30)
+
+
+def test_in_flight_snapshots_are_resubmitted_from_the_arenas_after_a_daemon_death(
+    start_daemon: Callable[..., DaemonProc], connect: Callable[..., Client]
+) -> None:
+    d = start_daemon("--workers", "1", faults="slow:1.0")
+    c = connect(d, max_shard_size="4KB")
+    state = {f"t{i}": torch.randn(32, 32) for i in range(4)}
+    expected = {k: v.clone() for k, v in state.items()}
+    handle = c.snapshot(state, step=1)
+    for v in state.values():  # the trainer moves on; only the arena still holds step 1
+        v.zero_()
+    time.sleep(0.3)
+    d.kill()
+    with pytest.raises(CheckpointError, match="resubmit"):
+        handle.wait(5)
+    start_daemon(root=d.root, sock=d.socket)
+    (again,) = c.resubmit()
+    info = again.wait(60)
+    assert info is not None and info.step == 1
+    loaded = ckptd.load(info.path)["model"]
+    for k, v in expected.items():
+        assert torch.equal(loaded[k], v), k
+    assert c.resubmit() == [], "each snapshot is resubmitted once"
+
+
+def test_resubmit_skips_a_snapshot_whose_slot_was_reused(
+    start_daemon: Callable[..., DaemonProc], connect: Callable[..., Client]
+) -> None:
+    d = start_daemon("--workers", "1", faults="slow:1.0")
+    c = connect(d, slots=1)
+    handle = c.snapshot({"w": torch.ones(8)}, step=1)
+    time.sleep(0.3)
+    d.kill()
+    with pytest.raises(CheckpointError):
+        handle.wait(5)
+    start_daemon(root=d.root, sock=d.socket)
+    c.snapshot({"w": torch.full((8,), 2.0)}, step=2).wait(60)  # reuses the only slot
+    assert c.resubmit() == []

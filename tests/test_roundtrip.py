@@ -242,3 +242,20 @@ def test_unsupported_values_are_refused_clearly(client: Client, tmp_path: Path) 
         client.snapshot({"w": torch.ones(1), "obj": object()}, step=1)
     with pytest.raises(TypeError, match="cannot snapshot a int"):
         client.snapshot(3, step=1)
+
+
+def test_restore_falls_back_past_a_corrupt_step_only_when_allowed(client: Client) -> None:
+    from client import CheckpointError
+
+    for step in (1, 2):
+        _commit(client, {"w": torch.full((4,), float(step))}, step=step)
+    shard = next((client.root / "default" / "step-000002").glob("model-*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    target = {"w": torch.zeros(4)}
+    with pytest.raises(CheckpointError, match="checksum") as e:
+        client.restore(target, fallback=False)
+    assert e.value.code == "corrupt" and target["w"].tolist() == [0.0] * 4, "nothing half-restored"
+    assert client.restore(target) == 1
+    assert target["w"].tolist() == [1.0] * 4
