@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None, storage: Storage | None = None) -> int:
     serve.add_argument("--workers", type=int, default=4, help="shard writer threads (default 4)")
     serve.add_argument("--budget", default="4GiB", help="bytes of snapshots written at once (default 4GiB)")
     serve.add_argument("--drain-timeout", type=float, default=600.0, help="seconds to drain on SIGTERM")
+    serve.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    serve.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port")
     serve.add_argument("--log-file", type=Path, default=None, help="log here instead of stderr")
     serve.add_argument("--detach", action="store_true", help="fork into the background once listening")
 
@@ -70,6 +72,8 @@ def _serve(args: argparse.Namespace, storage: Storage | None) -> int:
             keep_last=args.keep_last,
             budget_bytes=parse_size(args.budget),
             drain_timeout_s=args.drain_timeout,
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
         )
     except ValueError as e:
         print(f"ckptd serve: {e}", file=sys.stderr)

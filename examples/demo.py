@@ -12,6 +12,7 @@ snapshot failed. The daemon (autostarted if none was running) keeps running afte
 
     python examples/demo.py                  # about a minute; checkpoints in ./checkpoints
     python examples/demo.py --seconds 10 --every 5 --root /tmp/ckpts
+    python examples/demo.py --steps 12 --every 5     # a fixed amount of work (the test uses this)
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ MB = 10**6
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--seconds", type=float, default=60.0, help="how long to train (default 60)")
+    p.add_argument("--steps", type=int, default=None, help="train exactly this many steps instead")
     p.add_argument("--every", type=int, default=10, help="snapshot every N steps (default 10)")
     p.add_argument(
         "--socket", type=Path, default=None, help="daemon socket (default $CKPTD_SOCKET or per user)"
@@ -233,8 +235,9 @@ class Trainer:
         """Train until the deadline, snapshotting every ``--every`` steps; returns the last handle."""
         self.model.train()
         deadline = time.monotonic() + self.args.seconds
+        steps = self.args.steps
         try:
-            while time.monotonic() < deadline:
+            while self.step < steps if steps is not None else time.monotonic() < deadline:
                 self.train_step()
                 if self.step % self.args.every == 0:
                     self.snapshot()

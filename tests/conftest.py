@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -79,7 +80,11 @@ def start_daemon(workdir: Path) -> Iterator[Callable[..., DaemonProc]]:
     started: list[DaemonProc] = []
 
     def start(
-        *args: str, root: Path | None = None, sock: Path | None = None, faults: str | None = None
+        *args: str,
+        root: Path | None = None,
+        sock: Path | None = None,
+        faults: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> DaemonProc:
         n = len(started)
         root = root or workdir / "root"
@@ -91,7 +96,13 @@ def start_daemon(workdir: Path) -> Iterator[Callable[..., DaemonProc]]:
             cmd = [sys.executable, str(TESTS / "faulty_daemon.py"), faults]
         cmd += ["--root", str(root), "--socket", str(sock), *args]
         with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})},
+            )
         d = DaemonProc(proc, sock, root, log)
         started.append(d)
         try:

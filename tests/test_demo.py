@@ -67,7 +67,7 @@ def test_demo_trains_snapshots_restores_and_leaves_the_daemon_running(workdir: P
     try:
         # cwd in the temp dir: whatever the demo writes relative to it stays out of the repo.
         done = subprocess.run(
-            [sys.executable, str(DEMO), "--seconds", "5", "--every", "5", "--run", "demo"],
+            [sys.executable, str(DEMO), "--steps", "12", "--every", "5", "--run", "demo"],
             cwd=workdir,
             env=env,
             capture_output=True,

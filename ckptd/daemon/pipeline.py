@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ckptd import __version__, commit
 from ckptd.daemon.arenas import Arena
+from ckptd.daemon.metrics import Metrics
 from ckptd.layout import index_filename, shard_filename
 from ckptd.manifest import ComponentRecord, FileRecord, Manifest
 from ckptd.protocol import Committed, Failed, JobStatus, Message, Progress, Snapshot
@@ -80,17 +81,19 @@ class ByteBudget:
 
 
 class Pipeline:
-    def __init__(self, options: PipelineOptions, storage: Storage) -> None:
+    def __init__(self, options: PipelineOptions, storage: Storage, metrics: Metrics) -> None:
         self.options = options
         self.storage = storage
+        self.metrics = metrics
         self._pool = ThreadPoolExecutor(options.workers, thread_name_prefix="ckptd-write")
         self._budget = ByteBudget(options.budget_bytes)
         self._tails: dict[str, asyncio.Future[None]] = {}
         self._jobs: dict[tuple[str, int], Job] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self.committed = 0
-        self.failed = 0
-        self.bytes_written = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._jobs)
 
     def busy(self, run: str, step: int) -> bool:
         return (run, step) in self._jobs
@@ -136,7 +139,7 @@ class Pipeline:
         req = job.request
         try:
             path = await self._write_and_commit(job, prev)
-            self.committed += 1
+            self.metrics.commit(job.nbytes, _stage_durations(job.timings))
             job.reply(
                 Committed(
                     id=req.id,
@@ -156,10 +159,11 @@ class Pipeline:
                 time.monotonic() - job.started,
             )
         except Exception as e:  # every failure is reported to the client, never swallowed
-            self.failed += 1
             job.mark("failed")
             log.error("[run=%s step=%s] failed: %s", req.run, req.step, e)
-            job.reply(_failure(req.id, req.run, req.step, e))
+            failure = _failure(req.id, req.run, req.step, e)
+            self.metrics.fail(failure.code)
+            job.reply(failure)
         finally:
             done.set_result(None)
             if self._tails.get(req.run) is done:
@@ -237,7 +241,6 @@ class Pipeline:
         with data:
             record = commit.write_shard(self.storage, path, header, data)
         job.bytes_written += nbytes
-        self.bytes_written += record.bytes
         return record
 
     def _write_small_files(
@@ -270,6 +273,24 @@ class Pipeline:
         )
         commit.seal(st, staged, manifest)
         return manifest
+
+
+_STAGES = (
+    ("queued", "writing_s"),
+    ("writing", "synced_s"),
+    ("committing", "committed_s"),
+    ("pruning", "pruned_s"),
+)
+
+
+def _stage_durations(timings: dict[str, float]) -> dict[str, float]:
+    """Seconds spent in each stage, from the cumulative marks ``Job.mark`` records."""
+    out, last = {}, 0.0
+    for stage, mark in _STAGES:
+        if mark in timings:
+            out[stage] = timings[mark] - last
+            last = timings[mark]
+    return out
 
 
 def _failure(snapshot_id: int, run: str, step: int, e: BaseException) -> Failed:

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from ckptd import commit
 from ckptd.daemon.connection import Connection
+from ckptd.daemon.metrics import Metrics, serve_metrics
+from ckptd.daemon.notify import Notifier
 from ckptd.daemon.pipeline import Pipeline, PipelineOptions
 from ckptd.protocol import PROTOCOL_VERSION, StatusReply, Welcome
 from ckptd.storage import Storage
@@ -42,6 +44,8 @@ class DaemonOptions:
     keep_last: int = 0
     budget_bytes: int = 4 * 2**30
     drain_timeout_s: float = 600.0
+    metrics_port: int | None = None  # serve Prometheus metrics on this TCP port
+    metrics_host: str = "127.0.0.1"
 
 
 class DaemonError(RuntimeError):
@@ -52,6 +56,8 @@ class Daemon:
     def __init__(self, options: DaemonOptions, storage: Storage | None = None) -> None:
         self.options = options
         self.storage = storage or Storage()
+        self.metrics = Metrics()
+        self.notifier = Notifier()
         self.pipeline = Pipeline(
             PipelineOptions(
                 root=options.root,
@@ -60,7 +66,15 @@ class Daemon:
                 keep_last=options.keep_last,
             ),
             self.storage,
+            self.metrics,
         )
+        self.metrics.gauges.update(
+            snapshots_in_flight=lambda: self.pipeline.in_flight,
+            arena_bytes=lambda: sum(a.size for c in self._connections for a in c.arenas.values()),
+            clients=lambda: len(self._connections),
+        )
+        self._metrics_server: asyncio.Server | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self._connections: set[Connection] = set()
         self._listener: socket.socket | None = None
         self._lock_fd: int | None = None
@@ -106,7 +120,22 @@ class Daemon:
         loop.add_reader(sock.fileno(), self._accept)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        if opts.metrics_port is not None:
+            self._metrics_server = await serve_metrics(self.metrics, opts.metrics_host, opts.metrics_port)
         log.info("ckptd serving root=%s socket=%s pid=%s", opts.root, opts.socket_path, os.getpid())
+        self.notifier.ready(f"serving {opts.root} on {opts.socket_path}")
+        if self.notifier.watchdog_interval_s is not None:
+            self._watchdog = asyncio.create_task(self._ping_watchdog(self.notifier.watchdog_interval_s))
+
+    async def _ping_watchdog(self, interval_s: float) -> None:
+        # Runs on the event loop: if the loop wedges, the pings stop and systemd restarts us.
+        while True:
+            self.notifier.watchdog()
+            self.notifier.status(
+                f"{len(self._connections)} clients, {self.pipeline.in_flight} snapshots in flight, "
+                f"{self.metrics.committed} committed"
+            )
+            await asyncio.sleep(interval_s)
 
     def _on_signal(self, sig: int) -> None:
         self._signals += 1
@@ -160,9 +189,9 @@ class Daemon:
             clients=len(self._connections),
             arenas=len(arenas),
             arena_bytes=sum(a.size for a in arenas),
-            committed=self.pipeline.committed,
-            failed=self.pipeline.failed,
-            bytes_written=self.pipeline.bytes_written,
+            committed=self.metrics.committed,
+            failed=sum(self.metrics.failed.values()),
+            bytes_written=self.metrics.bytes_written,
             jobs=self.pipeline.status(),
         )
 
@@ -170,6 +199,7 @@ class Daemon:
 
     async def shutdown(self) -> None:
         loop = asyncio.get_running_loop()
+        self.notifier.stopping(f"draining {self.pipeline.in_flight} snapshots")
         if self._listener is not None:
             loop.remove_reader(self._listener.fileno())
             self._listener.close()
@@ -186,6 +216,10 @@ class Daemon:
         if writers:  # let queued replies (the drained jobs' Committed) reach their clients
             await asyncio.wait(writers, timeout=5.0)
         self.pipeline.close()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
