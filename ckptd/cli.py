@@ -7,10 +7,12 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from ckptd import paths, reading
 from ckptd.manifest import ManifestError, read_manifest
+from ckptd.protocol import StatusReply
 from ckptd.sizes import format_size, parse_size
 from ckptd.storage import Storage
 
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None, storage: Storage | None = None) -> int:
     status = sub.add_parser("status", help="what the daemon is doing")
     status.add_argument("--socket", type=Path, default=None)
     status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument("--watch", type=float, default=None, metavar="SECONDS", help="refresh every SECONDS")
 
     args = parser.parse_args(argv)
     if args.command == "serve":
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None, storage: Storage | None = None) -> int:
         return _ls(args.root, as_json=args.json)
     if args.command == "verify":
         return _verify(args.path)
-    return _status(args.socket, as_json=args.json)
+    return _status(args.socket, as_json=args.json, watch_s=args.watch)
 
 
 def _serve(args: argparse.Namespace, storage: Storage | None) -> int:
@@ -184,8 +187,8 @@ def _verify(path: Path) -> int:
     return 0
 
 
-def _status(socket_path: Path | None, *, as_json: bool) -> int:
-    from ckptd.protocol import StatusReply, StatusRequest, decode_daemon
+def _status(socket_path: Path | None, *, as_json: bool, watch_s: float | None) -> int:
+    from ckptd.protocol import StatusRequest
     from client.channel import Channel
     from client.errors import CheckpointError
 
@@ -196,32 +199,42 @@ def _status(socket_path: Path | None, *, as_json: bool) -> int:
         print(f"ckptd status: no daemon answers on {path} ({e})", file=sys.stderr)
         return 1
     try:
-        channel.send(StatusRequest())
-        reply = None
-        while reply is None:
-            data = channel.sock.recv(1 << 20)
-            if not data:
-                break
-            for body in channel._frames.feed(data):
-                msg = decode_daemon(body)
-                if isinstance(msg, StatusReply):
-                    reply = msg
+        while True:
+            reply = channel.call(StatusRequest())
+            if not isinstance(reply, StatusReply):
+                print(f"ckptd status: unexpected reply {reply.kind}", file=sys.stderr)
+                return 1
+            if as_json:
+                print(reply.model_dump_json(indent=2))
+            else:
+                if watch_s is not None:
+                    print("\033[H\033[J", end="")  # clear the terminal between refreshes
+                _print_status(reply)
+            if watch_s is None:
+                return 0
+            time.sleep(watch_s)
+    except CheckpointError as e:
+        print(f"ckptd status: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
     finally:
         channel.close()
-    if reply is None:
-        print("ckptd status: the daemon closed the connection", file=sys.stderr)
-        return 1
-    if as_json:
-        print(reply.model_dump_json(indent=2))
-        return 0
+
+
+def _print_status(reply: StatusReply) -> None:
     print(
         f"ckptd pid {reply.pid}  root {reply.root}  up {reply.uptime_s:.0f}s  clients {reply.clients}  "
         f"arenas {reply.arenas} ({format_size(reply.arena_bytes)})"
     )
     print(f"committed {reply.committed}  failed {reply.failed}  written {format_size(reply.bytes_written)}")
+    if not reply.jobs:
+        print("no snapshots in flight")
     for j in reply.jobs:
         frac = j.bytes_written / j.bytes if j.bytes else 1.0
         bar = "#" * int(frac * 20)
-        size = format_size(j.bytes)
-        print(f"  {j.run} step {j.step:<8} {j.stage:<9} [{bar:<20}] {frac:5.1%} of {size}  {j.age_s:.1f}s")
-    return 0
+        rate = format_size(int(j.bytes_written / j.age_s)) + "/s" if j.age_s > 0 else "-"
+        print(
+            f"  {j.run} step {j.step:<8} {j.stage:<9} [{bar:<20}] {frac:5.1%} of {format_size(j.bytes)}"
+            f"  {rate}  {j.age_s:.1f}s"
+        )

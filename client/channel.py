@@ -75,6 +75,19 @@ class Channel:
         sock.settimeout(None)
         return cls(sock, msg, frames)
 
+    def call(self, message: Message) -> DaemonMessage:
+        """Send and wait for the next reply; only before ``start()`` (tools like ``ckptd status``)."""
+        if self._thread is not None:
+            raise RuntimeError("call() is for channels without an I/O thread")
+        self.send(message)
+        while True:
+            data = self.sock.recv(_RECV_BYTES)
+            if not data:
+                raise CheckpointError("ckptd closed the connection", code="daemon_died")
+            frames = self._frames.feed(data)
+            if frames:
+                return decode_daemon(frames[0])
+
     def start(self, on_message: Callable[[DaemonMessage], None], on_close: Callable[[str], None]) -> None:
         self._thread = threading.Thread(
             target=self._read_loop, args=(on_message, on_close), name="ckptd-client-io", daemon=True
