@@ -5,7 +5,7 @@
    fsynced.
 3. The directory is renamed to ``<root>/<run>/step-<N>/`` and ``<root>/<run>/`` is fsynced.
 4. ``LATEST`` is replaced (temp file, fsync, rename, fsync of the run directory).
-5. Only then retention removes old steps, never the newest committed one.
+5. Only then retention removes old steps, never the newest committed one nor ``LATEST``'s.
 
 A failed fsync is never retried on the same file: the attempt fails and its temp directory is
 removed. ``commit()`` is the single step a multi-rank coordinator calls once all parts are durable.
@@ -23,7 +23,9 @@ from ckptd.manifest import MANIFEST_NAME, FileRecord, Manifest
 from ckptd.storage import Storage
 
 log = logging.getLogger(__name__)
-_CHUNK_BYTES = 64 * 2**20
+# Hash and write in chunks small enough to stay in cache between the two, and to hold the GIL
+# (xxhash keeps it) only briefly at a time.
+_CHUNK_BYTES = 4 * 2**20
 
 
 @dataclass(frozen=True)
@@ -98,13 +100,26 @@ def seal(storage: Storage, staged: StagedCheckpoint, manifest: Manifest) -> None
 
 
 def commit(storage: Storage, staged: StagedCheckpoint) -> Path:
-    """Make a sealed checkpoint visible: rename, fsync the run directory, move ``LATEST``."""
+    """Make a sealed checkpoint visible: rename, fsync the run directory, move ``LATEST``.
+
+    Once the rename is durable the checkpoint is committed: ``LATEST`` is only a pointer (readers
+    fall back to the highest intact step), so failing to move it is logged, not reported as a
+    failed snapshot. ``LATEST`` only moves forward, to a higher step.
+    """
     final = staged.final_dir
     if final.exists():
         raise CommitError(f"{final} appeared while step {staged.step} was being written")
     storage.rename(staged.temp_dir, final)
     storage.fsync_dir(staged.run_dir)
-    write_latest(storage, staged.run_dir, final.name)
+    current = paths.read_latest(staged.run_dir)
+    current_step = paths.parse_step_dirname(current) if current else None
+    if current_step is not None and current_step > staged.step:
+        log.warning("%s committed; LATEST stays at the higher %s", final, current)
+        return final
+    try:
+        write_latest(storage, staged.run_dir, final.name)
+    except OSError as e:
+        log.error("%s is committed but LATEST could not be moved to it (%s)", final, e)
     return final
 
 
@@ -133,7 +148,8 @@ def apply_retention(storage: Storage, run_dir: Path, keep_last: int, newest: Pat
     if keep_last <= 0:
         return []
     steps = [p for _, p in paths.committed_steps(run_dir)]
-    keep = set(steps[-keep_last:]) | {newest}
+    latest = paths.read_latest(run_dir)
+    keep = set(steps[-keep_last:]) | {newest} | ({run_dir / latest} if latest else set())
     removed = []
     for p in steps:
         if p in keep:

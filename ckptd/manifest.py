@@ -18,7 +18,8 @@ FORMAT = "ckptd/1"
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Unknown fields are ignored, so that a newer ckptd's manifests still read here.
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
 
 class FileRecord(_Model):
@@ -49,14 +50,12 @@ class Manifest(_Model):
     files: list[FileRecord]  # indexes, config.json, ...
     tree: JsonValue
     timings: dict[str, float] = {}
-    checksum: str = ""  # xxh3-128 of this manifest's JSON with checksum ""
-
-    def sealed(self) -> Manifest:
-        body = self.model_copy(update={"checksum": ""}).model_dump_json(indent=1)
-        return self.model_copy(update={"checksum": checksum.of_bytes(body.encode())})
+    checksum: str = ""  # xxh3-128 of the file's bytes with this value blanked (the last field)
 
     def to_bytes(self) -> builtins.bytes:
-        return self.sealed().model_dump_json(indent=1).encode() + b"\n"
+        body = self.model_copy(update={"checksum": ""}).model_dump_json(indent=1).encode() + b"\n"
+        head, tail = _split_checksum(body)
+        return head + checksum.of_bytes(body).encode() + tail
 
 
 class ManifestError(ValueError):
@@ -73,6 +72,24 @@ def read_manifest(step_dir: Path) -> Manifest:
         manifest = Manifest.model_validate_json(raw)
     except ValidationError as e:
         raise ManifestError(f"{path}: manifest is malformed ({e.error_count()} errors)") from e
-    if manifest.sealed().checksum != manifest.checksum:
+    try:
+        head, tail = _split_checksum(raw)
+    except ValueError as e:
+        raise ManifestError(f"{path}: {e}") from e
+    if checksum.of_bytes(head + tail) != manifest.checksum:
         raise ManifestError(f"{path}: manifest checksum mismatch; the file was modified or corrupted")
     return manifest
+
+
+_CHECKSUM_FIELD = b'"checksum": "'
+
+
+def _split_checksum(raw: bytes) -> tuple[bytes, bytes]:
+    """The file around the checksum value. It is the last field, so its key is the last match:
+    a user's value in the tree comes before it."""
+    start = raw.rfind(_CHECKSUM_FIELD)
+    if start < 0:
+        raise ValueError("manifest has no checksum field")
+    start += len(_CHECKSUM_FIELD)
+    end = raw.find(b'"', start)
+    return raw[:start], raw[end:]

@@ -12,6 +12,7 @@ A snapshot's slot in its arena is free again once its Committed or Failed arrive
 
 from __future__ import annotations
 
+import json
 import struct
 from typing import Annotated, Literal
 
@@ -98,8 +99,10 @@ class Welcome(Message):
     kind: Literal["welcome"] = "welcome"
     version: int
     pid: int
+    instance: str  # random per daemon start: a different one means the old daemon is gone
     root: str
     max_shard_size: int
+    max_arenas: int  # arenas one connection may register
 
 
 class Accepted(Message):
@@ -174,6 +177,28 @@ def encode(message: Message) -> bytes:
     body = message.model_dump_json().encode()
     if len(body) > MAX_FRAME_BYTES:
         raise ProtocolError(f"message of {len(body)} bytes exceeds the {MAX_FRAME_BYTES}-byte frame limit")
+    return _LEN.pack(len(body)) + body
+
+
+def encode_snapshot(  # noqa: PLR0917 - the fields of one frame
+    snapshot_id: int,
+    run: str,
+    step: int,
+    arena: int,
+    components_json: bytes,
+    tree: JsonValue,
+    files: dict[str, str],
+) -> bytes:
+    """A ``Snapshot`` frame built around pre-serialized components (cached per layout by the
+    client), so a snapshot of 20,000 tensors does not re-serialize them every time. The daemon
+    validates it like any other frame."""
+    head = json.dumps({"kind": "snapshot", "id": snapshot_id, "run": run, "step": step, "arena": arena})
+    tail = json.dumps({"tree": tree, "files": files, "rank": 0, "world_size": 1}, allow_nan=False)
+    body = b"".join((head[:-1].encode(), b',"components":', components_json, b",", tail[1:].encode()))
+    if len(body) > MAX_FRAME_BYTES:
+        raise ProtocolError(
+            f"snapshot request of {len(body)} bytes exceeds the {MAX_FRAME_BYTES}-byte frame limit"
+        )
     return _LEN.pack(len(body)) + body
 
 

@@ -13,6 +13,7 @@ import fcntl
 import itertools
 import mmap
 import os
+from typing import Any
 
 import torch
 
@@ -40,6 +41,7 @@ class Arena:
         self._cuda_registered = False
         self.busy = False
         self.generation = 0  # snapshots copied into this arena so far
+        self.quarantine: Any = None  # a slots.Quarantine while a lost daemon may still read it
         self.views_key: object = None
         self.views: list[torch.Tensor] = []
 

@@ -7,8 +7,10 @@ daemon goes away it calls ``on_close`` once, so pending snapshots fail at once i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -73,6 +75,7 @@ class Channel:
             sock.close()
             raise CheckpointError(f"ckptd at {path} answered hello with {msg.kind}", code="protocol")
         sock.settimeout(None)
+        _check_peer(sock, path)
         return cls(sock, msg, frames)
 
     def call(self, message: Message) -> DaemonMessage:
@@ -95,7 +98,14 @@ class Channel:
         self._thread.start()
 
     def send(self, message: Message, fds: tuple[int, ...] = ()) -> None:
-        data = encode(message)
+        try:
+            data = encode(message)
+        except ProtocolError as e:
+            raise CheckpointError(str(e), code="too_large") from e
+        self.send_bytes(data, fds)
+
+    def send_bytes(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
+        """Send one encoded frame (with descriptors as SCM_RIGHTS)."""
         with self._send_lock:
             if self.closed:
                 raise CheckpointError("the connection to ckptd is closed", code="daemon_died")
@@ -131,6 +141,8 @@ class Channel:
         finally:
             with self._send_lock:
                 self.closed = True
+            with contextlib.suppress(OSError):  # make sure the daemon sees the end too
+                self.sock.shutdown(socket.SHUT_RDWR)
             on_close(reason)
 
     def close(self) -> None:
@@ -143,3 +155,15 @@ class Channel:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         self.sock.close()
+
+
+def _check_peer(sock: socket.socket, path: Path) -> None:
+    """Refuse a daemon run by another user: it would receive this process's tensors."""
+    _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    if uid not in (os.geteuid(), 0):
+        sock.close()
+        raise CheckpointError(
+            f"the process listening on {path} runs as uid {uid}, not as you ({os.geteuid()}); "
+            "refusing to hand it your tensors. Remove that socket or use another (CKPTD_SOCKET)",
+            code="wrong_owner",
+        )

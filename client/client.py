@@ -17,39 +17,35 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
+from pydantic import JsonValue
 
-from ckptd import layout as layout_mod
-from ckptd import paths, reading
-from ckptd.manifest import ManifestError, read_manifest
+from ckptd import paths
 from ckptd.protocol import (
     Committed,
-    ComponentEntry,
     DaemonMessage,
     Failed,
+    ProtocolError,
     RegisterArena,
     ReleaseArena,
-    ShardEntry,
-    Snapshot,
     StatusReply,
     StatusRequest,
-    TensorEntry,
+    encode_snapshot,
 )
 from ckptd.sizes import parse_size
-from ckptd.torch_dtypes import FROM_SAFETENSORS, safetensors_dtype
 from client import restore as restore_mod
 from client.arena import Arena
 from client.channel import Channel
 from client.errors import CheckpointError
 from client.handle import CommitInfo, SnapshotHandle, now
+from client.plan import Plan, copy_pairs, make_plan, signature
+from client.slots import Policy, Quarantine, SlotPool
 from client.spawn import default_root, default_socket, spawn_daemon
 from client.tree import Flat, flatten
 
 log = logging.getLogger(__name__)
-Policy = Literal["block", "skip", "error"]
-_ARENA_ROUND = 2 * 2**20
 
 
 @dataclass(frozen=True)
@@ -62,23 +58,32 @@ class ClientOptions:
     daemon_args: tuple[str, ...] = ()  # extra `ckptd serve` arguments when autostarting
 
 
-@dataclass
+@dataclass(frozen=True)
+class _Request:
+    """What a snapshot asks of the daemon, minus its id (a resubmission gets a new one)."""
+
+    run: str
+    step: int
+    arena: Arena
+    plan: Plan
+    tree: JsonValue
+    files: dict[str, str]
+
+    def frame(self, snapshot_id: int) -> bytes:
+        return encode_snapshot(
+            snapshot_id, self.run, self.step, self.arena.id, self.plan.components_json, self.tree, self.files
+        )
+
+
+@dataclass(frozen=True)
 class _InFlight:
-    """A snapshot handed to the daemon: its bytes stay in ``arena`` until the outcome is known."""
+    """A snapshot handed to the daemon: its bytes stay in its arena until the outcome is known."""
 
     handle: SnapshotHandle
-    arena: Arena
-    request: Snapshot
+    request: _Request
+    frame: bytes  # the encoded request, with this handle's id
     generation: int  # the arena's use count when this snapshot was copied into it
-
-
-@dataclass
-class _Plan:
-    """A cached layout and the request parts that depend only on the snapshot's signature."""
-
-    layout: layout_mod.Layout
-    entries: list[ComponentEntry]
-    order: list[tuple[int, int]]  # (component, tensor) index per placement, in layout order
+    channel: Channel  # the connection it was sent on: only that connection's loss fails it
 
 
 class Client:
@@ -91,15 +96,15 @@ class Client:
         self._channel: Channel | None = None
         self._expected_root: Path | None = None
         self._ids = itertools.count(1)
-        self._lock = threading.Condition()
-        self._snapshot_lock = threading.Lock()  # one snapshot() at a time per client
-        self._arenas: list[Arena] = []
+        self._lock = threading.Condition()  # guards _pending, _orphans, _handles
+        self._snapshot_lock = threading.RLock()  # one snapshot() / resubmit() / close() at a time
+        self._slots = SlotPool(options.slots, self._release_remote)
         self._registered: set[int] = set()
         self._pending: dict[int, _InFlight] = {}
-        self._orphans: list[_InFlight] = []  # in flight when the daemon died: resubmit() sends them
+        self._orphans: list[_InFlight] = []  # in flight when the connection was lost
         self._handles: list[SnapshotHandle] = []
         self._plan_key: object = None
-        self._plan: _Plan | None = None
+        self._plan: Plan | None = None
         self._status: list[StatusReply] = []
         self._status_ready = threading.Condition()
         self._gpu_sender: ThreadPoolExecutor | None = None
@@ -131,8 +136,7 @@ class Client:
         if opts.max_shard_size is not None:
             parse_size(opts.max_shard_size)
         client = cls(Path(socket_path) if socket_path else default_socket(), run, autostart, opts)
-        env_root = os.environ.get("CKPTD_ROOT")
-        chosen = root if root is not None else env_root
+        chosen = root if root is not None else os.environ.get("CKPTD_ROOT")
         client._expected_root = Path(chosen).absolute() if chosen else None
         client._reconnect()
         return client
@@ -143,7 +147,7 @@ class Client:
             self._channel.close()
             self._channel = None
         try:
-            channel = Channel.open(self.socket_path)
+            channel = Channel.open(self.socket_path, self.options.connect_timeout_s)
         except (FileNotFoundError, ConnectionRefusedError) as e:
             if not self.autostart:
                 raise CheckpointError(
@@ -152,18 +156,29 @@ class Client:
                     code="no_daemon",
                 ) from e
             channel = self._start_daemon(deadline)
-        root = Path(channel.welcome.root)
+        welcome = channel.welcome
+        root = Path(welcome.root)
+        problem = None
         if self._expected_root is not None and root != self._expected_root:
-            channel.close()
-            raise CheckpointError(
+            problem = CheckpointError(
                 f"the ckptd daemon on {self.socket_path} writes to {root}, not {self._expected_root}; "
                 "pass root=None to use it, or give this run its own socket (CKPTD_SOCKET)",
                 code="root_mismatch",
             )
+        elif self.options.slots > welcome.max_arenas:
+            problem = CheckpointError(
+                f"slots={self.options.slots} exceeds the {welcome.max_arenas} arenas the daemon allows",
+                code="bad_option",
+            )
+        if problem is not None:
+            channel.close()
+            raise problem
         self.root = root
         self._registered.clear()
         self._channel = channel
-        channel.start(self._on_message, self._on_close)
+        # A different daemon instance means the one that could still read quarantined slots is gone.
+        self._slots.release_quarantined(lambda q: q.instance != welcome.instance)
+        channel.start(self._on_message, lambda reason: self._on_close(channel, reason))
 
     def _start_daemon(self, deadline: float) -> Channel:
         root = self._expected_root or default_root()
@@ -174,12 +189,16 @@ class Client:
         try:
             spawn_daemon(self.socket_path, root, args, max(1.0, deadline - time.monotonic()))
         except CheckpointError:
-            # Another process may have started one first; use it if it answers.
-            try:
-                return Channel.open(self.socket_path)
-            except OSError:
-                raise
-        return Channel.open(self.socket_path)
+            # Another process may have started one first: use it if it answers.
+            return Channel.open(self.socket_path, self.options.connect_timeout_s)
+        return Channel.open(self.socket_path, self.options.connect_timeout_s)
+
+    def _connected(self) -> Channel:
+        if self._channel is None or self._channel.closed:
+            self._reconnect()
+        if self._channel is None:
+            raise CheckpointError("not connected to ckptd", code="daemon_died")
+        return self._channel
 
     # --- snapshot --------------------------------------------------------------------------------
 
@@ -199,147 +218,77 @@ class Client:
         ``skip`` returns a handle with ``skipped`` set, ``error`` raises ``CheckpointError``.
         A failure of an earlier snapshot that nobody looked at is raised here.
         """
-        with self._snapshot_lock:
-            return self._snapshot(obj, step, run, on_done, policy)
-
-    def _snapshot(
-        self,
-        obj: object,
-        step: int,
-        run: str | None,
-        on_done: Callable[[SnapshotHandle], object] | None,
-        policy: Policy,
-    ) -> SnapshotHandle:
         started = now()
-        self._raise_unobserved()
-        if self._closed:
-            raise CheckpointError("this client is closed", code="closed")
-        run = paths.check_name("run", run or self.run)
         if policy not in ("block", "skip", "error"):
             raise ValueError(f"policy must be 'block', 'skip' or 'error', got {policy!r}")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
-        flat = flatten(obj)
-        plan = self._plan_for(flat)
-        handle = SnapshotHandle(next(self._ids), run, step, started)
-        if on_done is not None:
-            handle.add_done_callback(on_done)
-        if self._channel is None or self._channel.closed:
-            self._reconnect()
-        arena = self._acquire(plan.layout.slot_bytes, policy, step)
-        if arena is None:
-            handle._skip()
+        run = paths.check_name("run", run or self.run)
+        with self._snapshot_lock:
+            self._raise_unobserved()
+            if self._closed:
+                raise CheckpointError("this client is closed", code="closed")
+            flat = flatten(obj)
+            channel = self._connected()
+            plan = self._plan_for(flat, channel)
+            handle = SnapshotHandle(next(self._ids), run, step, started)
+            if on_done is not None:
+                handle.add_done_callback(on_done)
+            arena = self._slots.acquire(plan.layout.slot_bytes, policy, self._reap)
+            if arena is None:
+                log.info("[run=%s step=%s] skipped: every slot is still being written", run, step)
+                handle._skip()
+                return handle
+            request = _Request(run, step, arena, plan, flat.tree, flat.files)
+            try:
+                self._register(channel, arena)
+                self._stage(handle, request, flat, channel, started)
+            except BaseException:
+                with self._lock:
+                    self._pending.pop(handle.id, None)
+                self._slots.free(arena)
+                raise
             return handle
-        try:
-            self._register(arena)
-            request = Snapshot(
-                id=handle.id,
-                run=run,
-                step=step,
-                arena=arena.id,
-                components=plan.entries,
-                tree=flat.tree,
-                files=flat.files,
-            )
-            pairs = self._pairs(arena, plan, flat)
-            with self._lock:
-                self._pending[handle.id] = _InFlight(handle, arena, request, arena.generation)
-                self._handles.append(handle)
-            if flat.cuda:
-                event = self._stage_cuda(arena, pairs)
-            else:
-                with torch.no_grad():
-                    for dst, src in pairs:
-                        dst.copy_(src)
-                handle._set_staged()
-            # Set before sending: the commit can be reported before this thread runs again.
-            handle.stall_s = now() - started
-            if flat.cuda:
-                assert self._gpu_sender is not None
-                self._gpu_sender.submit(self._send_when_copied, event, request, handle)
-            else:
-                self._send(request, handle)
-        except BaseException:
-            self._finish(handle.id)
-            raise
-        return handle
 
-    def _plan_for(self, flat: Flat) -> _Plan:
-        key = (flat.signature(), self.options.max_shard_size)
-        if key == self._plan_key and self._plan is not None:
-            return self._plan
-        max_shard = parse_size(self.options.max_shard_size or self._welcome_max_shard())
-        specs = [
-            (
-                c.name,
-                [
-                    layout_mod.TensorSpec(n, safetensors_dtype(t.dtype, n), tuple(t.shape))
-                    for n, t in c.tensors
-                ],
-            )
-            for c in flat.components
-        ]
-        lay = layout_mod.plan(specs, max_shard)
-        positions = [{n: i for i, (n, _) in enumerate(c.tensors)} for c in flat.components]
-        order = [
-            (ci, positions[ci][p.spec.name])
-            for ci, comp in enumerate(lay.components)
-            for shard in comp.shards
-            for p in shard.tensors
-        ]
-        entries = [
-            ComponentEntry(
-                name=comp.name,
-                shards=[
-                    ShardEntry(
-                        offset=shard.offset,
-                        nbytes=shard.nbytes,
-                        tensors=[
-                            TensorEntry(
-                                name=p.spec.name,
-                                dtype=p.spec.dtype,
-                                shape=list(p.spec.shape),
-                                start=p.start,
-                                end=p.end,
-                            )
-                            for p in shard.tensors
-                        ],
-                    )
-                    for shard in comp.shards
-                ],
-                aliases=flat.components[ci].aliases,
-            )
-            for ci, comp in enumerate(lay.components)
-        ]
-        self._plan_key, self._plan = key, _Plan(lay, entries, order)
+    def _plan_for(self, flat: Flat, channel: Channel) -> Plan:
+        max_shard = parse_size(self.options.max_shard_size or channel.welcome.max_shard_size)
+        key = signature(flat, max_shard)
+        if key != self._plan_key or self._plan is None:
+            self._plan_key, self._plan = key, make_plan(flat, max_shard)
         return self._plan
 
-    def _welcome_max_shard(self) -> int:
-        if self._channel is None:
-            self._reconnect()
-        assert self._channel is not None
-        return self._channel.welcome.max_shard_size
+    def _stage(
+        self, handle: SnapshotHandle, request: _Request, flat: Flat, channel: Channel, started: float
+    ) -> None:
+        try:
+            frame = request.frame(handle.id)
+        except ProtocolError as e:
+            raise CheckpointError(f"snapshot request too large: {e}", code="too_large") from e
+        pairs = copy_pairs(request.arena, request.plan, flat)
+        entry = _InFlight(handle, request, frame, request.arena.generation, channel)
+        with self._lock:
+            self._pending[handle.id] = entry
+            self._handles.append(handle)
+        if flat.cuda:
+            event = self._copy_cuda(request.arena, pairs)
+        else:
+            with torch.no_grad():
+                for dst, src in pairs:
+                    dst.copy_(src)
+            handle._set_staged()
+        # Set before sending: the commit can be reported before this thread runs again.
+        handle.stall_s = now() - started
+        if flat.cuda:
+            if self._gpu_sender is None:
+                raise RuntimeError("GPU sender missing")  # created by _copy_cuda
+            self._gpu_sender.submit(self._send_when_copied, event, entry)
+        else:
+            self._send(entry)
 
-    def _pairs(self, arena: Arena, plan: _Plan, flat: Flat) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        if arena.views_key is not plan:
-            arena.views = [
-                arena.bytes[shard.offset + p.start : shard.offset + p.end]
-                .view(FROM_SAFETENSORS[p.spec.dtype])
-                .view(p.spec.shape)
-                for comp in plan.layout.components
-                for shard in comp.shards
-                for p in shard.tensors
-            ]
-            arena.views_key = plan
-        return [
-            (dst, flat.components[ci].tensors[ti][1])
-            for dst, (ci, ti) in zip(arena.views, plan.order, strict=True)
-        ]
-
-    def _stage_cuda(self, arena: Arena, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    def _copy_cuda(self, arena: Arena, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
         # DESIGN §8: the copy stream waits for pending work, copies run non_blocking into the
         # page-locked arena, and the current stream waits for the copies so later in-place
-        # updates cannot race them. The I/O side sends the request once the event has fired.
+        # updates cannot race them. The request is sent once the event has fired.
         arena.pin_for_cuda()
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
@@ -356,79 +305,67 @@ class Client:
         current.wait_stream(stream)
         return event
 
-    def _send_when_copied(self, event: Any, request: Snapshot, handle: SnapshotHandle) -> None:
-        event.synchronize()
-        handle._set_staged()
-        self._send(request, handle)
-
-    def _send(self, request: Snapshot, handle: SnapshotHandle) -> None:
-        channel = self._channel
+    def _send_when_copied(self, event: Any, entry: _InFlight) -> None:
         try:
-            if channel is None:
-                raise CheckpointError("not connected to ckptd", code="daemon_died")
-            channel.send(request)
+            event.synchronize()
+        except BaseException as e:  # a CUDA error must fail the handle, not vanish in a thread
+            entry.handle._set_staged()
+            self._fail(
+                entry.handle.id, CheckpointError(f"device-to-host copy failed: {e}", code="copy_error")
+            )
+            return
+        entry.handle._set_staged()
+        self._send(entry)
+
+    def _send(self, entry: _InFlight) -> None:
+        """Send on the connection the snapshot was staged for; if it is gone, the snapshot is lost
+        with it (and can be resubmitted)."""
+        try:
+            entry.channel.send_bytes(entry.frame)
         except CheckpointError as e:
-            self._fail(handle.id, e)
+            self._lose([entry], str(e))
 
-    # --- slots -----------------------------------------------------------------------------------
+    def _register(self, channel: Channel, arena: Arena) -> None:
+        if arena.id not in self._registered:
+            channel.send(RegisterArena(arena=arena.id, size=arena.size), fds=(arena.fd,))
+            self._registered.add(arena.id)
 
-    def _acquire(self, nbytes: int, policy: Policy, step: int) -> Arena | None:
-        with self._lock:
-            while True:
-                free = [a for a in self._arenas if not a.busy]
-                fit = next((a for a in free if a.size >= nbytes), None)
-                if fit is None and (free or len(self._arenas) < self.options.slots):
-                    if len(self._arenas) >= self.options.slots:
-                        self._drop_arena(free[0])  # too small for this snapshot: replace it
-                    fit = Arena(layout_mod.round_up(nbytes, _ARENA_ROUND))
-                    self._arenas.append(fit)
-                if fit is not None:
-                    fit.busy = True
-                    fit.generation += 1
-                    return fit
-                if policy == "skip":
-                    log.info("[run=%s step=%s] skipped: all %d slots busy", self.run, step, len(self._arenas))
-                    return None
-                if policy == "error":
-                    raise CheckpointError(
-                        f"all {len(self._arenas)} arena slots are still being written; wait, use "
-                        "policy='block' or 'skip', or raise slots=",
-                        code="busy",
-                    )
-                self._lock.wait()
-
-    def _drop_arena(self, arena: Arena) -> None:
-        self._arenas.remove(arena)
+    def _release_remote(self, arena: Arena) -> None:
         if arena.id in self._registered and self._channel is not None and not self._channel.closed:
             try:
                 self._channel.send(ReleaseArena(arena=arena.id))
             except CheckpointError:
                 pass
         self._registered.discard(arena.id)
-        arena.close()
 
-    def _register(self, arena: Arena) -> None:
-        if arena.id in self._registered:
+    def _reap(self) -> None:
+        """Free quarantined slots once the daemon no longer lists their snapshots as in flight."""
+        channel = self._channel
+        if channel is None or channel.closed:
             return
-        assert self._channel is not None
-        self._channel.send(RegisterArena(arena=arena.id, size=arena.size), fds=(arena.fd,))
-        self._registered.add(arena.id)
+        try:
+            reply = self.status(timeout_s=5)
+        except CheckpointError:
+            return
+        running = {(j.run, j.step) for j in reply.jobs}
+        instance = channel.welcome.instance
+        self._slots.release_quarantined(lambda q: q.instance != instance or (q.run, q.step) not in running)
+
+    # --- outcomes (I/O thread) -------------------------------------------------------------------
 
     def _finish(self, snapshot_id: int) -> SnapshotHandle | None:
         with self._lock:
             entry = self._pending.pop(snapshot_id, None)
-            if entry is None:
-                return None
-            entry.arena.busy = False
             self._lock.notify_all()
+        if entry is None:
+            return None
+        self._slots.free(entry.request.arena)
         return entry.handle
 
     def _fail(self, snapshot_id: int, error: CheckpointError) -> None:
         handle = self._finish(snapshot_id)
         if handle is not None:
             handle._fail(error)
-
-    # --- I/O thread ------------------------------------------------------------------------------
 
     def _on_message(self, msg: DaemonMessage) -> None:
         if isinstance(msg, Committed):
@@ -456,27 +393,42 @@ class Client:
                 self._status.append(msg)
                 self._status_ready.notify_all()
 
-    def _on_close(self, reason: str) -> None:
+    def _on_close(self, channel: Channel, reason: str) -> None:
         with self._lock:
-            pending = list(self._pending.values())
-            self._orphans += pending
-        for entry in pending:
-            self._fail(
-                entry.handle.id,
-                CheckpointError(
-                    f"{reason}; step {entry.handle.step} was not committed (its bytes are kept until "
-                    "the slot is reused: client.resubmit() sends it to a restarted daemon)",
-                    code="daemon_died",
-                ),
-            )
+            lost = [e for e in self._pending.values() if e.channel is channel]
+        self._lose(lost, reason)
         with self._status_ready:
             self._status_ready.notify_all()
+
+    def _lose(self, entries: list[_InFlight], reason: str) -> None:
+        """The connection these snapshots were sent on is gone: fail their handles now, but keep
+        their slots quarantined (the daemon may still be reading them) and remember them for
+        ``resubmit()``."""
+        for entry in entries:
+            with self._lock:
+                if self._pending.pop(entry.handle.id, None) is None:
+                    continue
+                self._orphans.append(entry)
+                self._lock.notify_all()
+            handle = entry.handle
+            q = Quarantine(handle.run, handle.step, entry.channel.welcome.instance, handle._staged.is_set)
+            self._slots.quarantine(entry.request.arena, q)
+            handle._fail(
+                CheckpointError(
+                    f"{reason}; step {handle.step} of run {handle.run!r} may not be committed (its bytes "
+                    "are kept until the slot is reused: client.resubmit() sends it to a restarted daemon)",
+                    code="daemon_died",
+                )
+            )
+
+    # --- resubmit, status, restore, close --------------------------------------------------------
 
     def resubmit(self) -> list[SnapshotHandle]:
         """Send the snapshots that were in flight when the daemon died to a (restarted) daemon.
 
-        Their bytes are still in the arenas unless a later snapshot reused the slot; those are
-        skipped with a warning. Returns a new handle per resubmitted snapshot.
+        Their bytes are still in the arenas unless a later snapshot reused the slot; those, and
+        any that the old daemon committed after all, are skipped with a log line. Returns a new
+        handle per resubmitted snapshot.
 
         >>> try:                                          # doctest: +SKIP
         ...     handle.wait()
@@ -485,18 +437,21 @@ class Client:
         ...         handle, = client.resubmit()
         """
         with self._snapshot_lock:
-            if self._channel is None or self._channel.closed:
-                self._reconnect()
+            channel = self._connected()
             with self._lock:
                 orphans, self._orphans = self._orphans, []
+            self._wait_for_old_jobs(orphans, channel)
             handles = []
             for old in sorted(orphans, key=lambda e: e.handle.id):
-                with self._lock:
-                    intact = old.arena in self._arenas and old.arena.generation == old.generation
-                    intact = intact and not old.arena.busy
-                    if intact:
-                        old.arena.busy = True
-                if not intact:
+                step_dir = self.root / old.handle.run / paths.step_dirname(old.handle.step)
+                if (step_dir / "ckptd.json").exists():
+                    log.info(
+                        "[run=%s step=%s] not resubmitted: committed after all",
+                        old.handle.run,
+                        old.handle.step,
+                    )
+                    continue
+                if not self._slots.claim(old.request.arena, old.generation):
                     log.warning(
                         "[run=%s step=%s] cannot resubmit: its slot was reused",
                         old.handle.run,
@@ -504,32 +459,45 @@ class Client:
                     )
                     continue
                 handle = SnapshotHandle(next(self._ids), old.handle.run, old.handle.step, now())
-                request = old.request.model_copy(update={"id": handle.id})
+                handle._set_staged()
+                entry = _InFlight(handle, old.request, old.request.frame(handle.id), old.generation, channel)
                 with self._lock:
-                    self._pending[handle.id] = _InFlight(handle, old.arena, request, old.generation)
+                    self._pending[handle.id] = entry
                     self._handles.append(handle)
                 try:
-                    self._register(old.arena)
+                    self._register(channel, old.request.arena)
                 except BaseException:
                     self._finish(handle.id)
                     raise
-                handle._set_staged()
-                self._send(request, handle)
+                self._send(entry)
                 handles.append(handle)
             return handles
 
-    # --- status, restore, close ------------------------------------------------------------------
+    def _wait_for_old_jobs(self, orphans: list[_InFlight], channel: Channel, timeout_s: float = 600) -> None:
+        """If the daemon that lost them is still the one answering, wait until it no longer writes
+        them, so a resubmission never races the original write."""
+        deadline = time.monotonic() + timeout_s
+        same = {
+            (o.handle.run, o.handle.step)
+            for o in orphans
+            if o.channel.welcome.instance == channel.welcome.instance
+        }
+        while same and time.monotonic() < deadline:
+            same &= {(j.run, j.step) for j in self.status().jobs}
+            if same:
+                time.sleep(0.2)
+        self._slots.release_quarantined(lambda q: (q.run, q.step) not in same)
 
     def status(self, timeout_s: float = 10.0) -> StatusReply:
         """What the daemon is doing now."""
-        if self._channel is None or self._channel.closed:
-            self._reconnect()
-        assert self._channel is not None
+        channel = self._connected()
         with self._status_ready:
             self._status.clear()
-            self._channel.send(StatusRequest())
-            if not self._status_ready.wait_for(lambda: bool(self._status), timeout_s):
+            channel.send(StatusRequest())
+            if not self._status_ready.wait_for(lambda: bool(self._status) or channel.closed, timeout_s):
                 raise CheckpointError(f"ckptd did not answer status within {timeout_s}s", code="timeout")
+            if not self._status:
+                raise CheckpointError("the connection to ckptd closed", code="daemon_died")
             return self._status.pop()
 
     def restore(
@@ -541,25 +509,8 @@ class Client:
         step is used (with a warning) when ``fallback``, else ``CheckpointError`` is raised. An
         explicit ``step`` that does not verify always raises.
         """
-        run = paths.check_name("run", run or self.run)
-        run_dir = self.root / run
-        if step is not None:
-            candidates = [run_dir / paths.step_dirname(step)]
-        else:
-            candidates = reading.candidates(run_dir)[: None if fallback else 1]
-        for i, step_dir in enumerate(candidates):
-            try:
-                manifest = read_manifest(step_dir)
-                loaded = reading.load_manifest(step_dir, manifest)
-            except (ManifestError, reading.CorruptCheckpoint, OSError) as e:
-                if step is not None or not fallback:
-                    raise CheckpointError(f"cannot restore {step_dir}: {e}", code="corrupt") from e
-                later = "; trying an older step" if i + 1 < len(candidates) else ""
-                log.warning("skipping %s: %s%s", step_dir, e, later)
-                continue
-            restore_mod.apply(obj, loaded)
-            return manifest.step
-        raise CheckpointError(f"no committed checkpoint that verifies in {run_dir}", code="not_found")
+        run_dir = self.root / paths.check_name("run", run or self.run)
+        return restore_mod.restore_run(obj, run_dir, step=step, fallback=fallback)
 
     def _raise_unobserved(self) -> None:
         with self._lock:
@@ -575,26 +526,25 @@ class Client:
 
     def close(self, *, wait: bool = True, timeout_s: float | None = None) -> None:
         """Wait for in-flight snapshots (unless ``wait=False``), then release everything.
-        Raises a failure nobody looked at."""
-        if self._closed:
-            return
-        if wait:
-            deadline = None if timeout_s is None else time.monotonic() + timeout_s
-            with self._lock:
-                ok = self._lock.wait_for(
-                    lambda: not self._pending,
-                    None if deadline is None else max(0.0, deadline - time.monotonic()),
-                )
-            if not ok:
-                log.warning("closing with %d snapshots still in flight", len(self._pending))
-        self._closed = True
-        if self._gpu_sender is not None:
-            self._gpu_sender.shutdown(wait=True)
-        if self._channel is not None:
-            self._channel.close()
-        with self._lock:
-            for arena in list(self._arenas):
-                self._drop_arena(arena)
+        Raises a failure nobody looked at. Must not be called from a done callback."""
+        if threading.current_thread().name == "ckptd-client-io":
+            raise RuntimeError(
+                "close() from a snapshot callback would deadlock; call it from your own thread"
+            )
+        with self._snapshot_lock:
+            if self._closed:
+                return
+            if wait:
+                with self._lock:
+                    ok = self._lock.wait_for(lambda: not self._pending, timeout_s)
+                if not ok:
+                    log.warning("closing with %d snapshots still in flight", len(self._pending))
+            self._closed = True
+            if self._gpu_sender is not None:
+                self._gpu_sender.shutdown(wait=True)
+            self._slots.close()
+            if self._channel is not None:
+                self._channel.close()
         self._raise_unobserved()
 
     def __enter__(self) -> Client:

@@ -46,6 +46,9 @@ class SnapshotHandle:
         self.stall_s = 0.0
         self.skipped = False
         self._future: concurrent.futures.Future[CommitInfo | None] = concurrent.futures.Future()
+        # Running futures cannot be cancelled: a timed-out ``await handle.done()`` must not cancel
+        # the snapshot's outcome for everyone else.
+        self._future.set_running_or_notify_cancel()
         self._staged = threading.Event()
         self._observed = False
 

@@ -2,14 +2,42 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, MutableMapping, MutableSequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ckptd import paths, reading
+from ckptd.manifest import ManifestError, read_manifest
 from client.errors import CheckpointError
 from client.tree import normalize, optimizer_param_order, param_names
+
+log = logging.getLogger(__name__)
+
+
+def restore_run(obj: object, run_dir: Path, *, step: int | None, fallback: bool) -> int:
+    """Load step ``step`` (None: the newest that verifies, or only the newest unless ``fallback``)
+    of the run in ``run_dir`` into ``obj``; returns the step. Nothing is changed on failure."""
+    if step is not None:
+        candidates = [run_dir / paths.step_dirname(step)]
+    else:
+        candidates = reading.candidates(run_dir)[: None if fallback else 1]
+    for i, step_dir in enumerate(candidates):
+        try:
+            manifest = read_manifest(step_dir)
+            loaded = reading.load_manifest(step_dir, manifest)
+        except (ManifestError, reading.CorruptCheckpoint, OSError) as e:
+            if step is not None or not fallback:
+                raise CheckpointError(f"cannot restore {step_dir}: {e}", code="corrupt") from e
+            later = "; trying an older step" if i + 1 < len(candidates) else ""
+            log.warning("skipping %s: %s%s", step_dir, e, later)
+            continue
+        apply(obj, loaded)
+        return manifest.step
+    raise CheckpointError(f"no committed checkpoint that verifies in {run_dir}", code="not_found")
 
 
 def apply(obj: object, loaded: Mapping[str, Any]) -> None:

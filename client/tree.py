@@ -23,6 +23,8 @@ from ckptd.paths import InvalidName, check_name
 from ckptd.torch_dtypes import safetensors_dtype
 
 _PLAIN = (bool, int, float, str, type(None))
+#: Deepest nesting of dicts and lists in a snapshot (JSON parsers stop at a few hundred levels).
+MAX_DEPTH = 64
 
 
 @dataclass
@@ -139,6 +141,8 @@ def _component(name: str, prefer_dropped: frozenset[str] = frozenset()) -> Compo
 
 
 def _encode(value: object, key: str, path: tuple[str, ...], comp: Component) -> JsonValue:
+    if len(path) > MAX_DEPTH:
+        raise TypeError(f"{key}/{'.'.join(path[:5])}...: nested deeper than {MAX_DEPTH} levels")
     if isinstance(value, torch.Tensor):
         name = ".".join(path) if path else key
         comp.add(name, value)

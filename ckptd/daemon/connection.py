@@ -42,6 +42,10 @@ _RECV_BYTES = 1 << 20
 _MAX_FDS_PER_RECV = 8
 #: Descriptors a client may have registered and not yet released.
 MAX_ARENAS = 64
+#: Clients one daemon serves at once.
+MAX_CONNECTIONS = 1024
+#: Replies queued for a client that does not read them before it is disconnected.
+MAX_QUEUED_REPLY_BYTES = 16 * 2**20
 
 
 class Connection:
@@ -54,6 +58,7 @@ class Connection:
         self._fds: deque[int] = deque()
         self.arenas: dict[int, Arena] = {}
         self._out: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._queued = 0
         self._hello = False
         self.closed = False
         self.writer = asyncio.create_task(self._write_loop(), name=f"ckptd-conn-{peer_pid}-writer")
@@ -62,14 +67,23 @@ class Connection:
     # --- sending ---------------------------------------------------------------------------------
 
     def send(self, message: Message) -> None:
-        """Queue a reply; a reply to a client that is gone is dropped."""
-        if not self.closed:
-            self._out.put_nowait(encode(message))
+        """Queue a reply; a reply to a client that is gone is dropped, and a client that lets
+        replies pile up unread is disconnected."""
+        if self.closed:
+            return
+        data = encode(message)
+        self._queued += len(data)
+        if self._queued > MAX_QUEUED_REPLY_BYTES:
+            log.warning("client pid %s does not read its replies; disconnecting", self.peer_pid)
+            self.close()
+            return
+        self._out.put_nowait(data)
 
     async def _write_loop(self) -> None:
         try:
             while (data := await self._out.get()) is not None:
                 await self._loop.sock_sendall(self._sock, data)
+                self._queued -= len(data)
         except (ConnectionError, OSError) as e:
             log.info("client pid %s: send failed (%s); closing", self.peer_pid, e)
             self.close()
@@ -88,8 +102,8 @@ class Connection:
             self.close()
             return
         self._fds.extend(fds)
-        if flags & socket.MSG_CTRUNC:
-            self._refuse("bad_frame", "ancillary data truncated: send one descriptor per RegisterArena")
+        if flags & socket.MSG_CTRUNC or len(self._fds) > 1:
+            self._refuse("bad_frame", "send exactly one descriptor, with its register_arena frame")
             return
         if not data:
             self.close()
@@ -101,6 +115,9 @@ class Connection:
                     return
         except ProtocolError as e:
             self._refuse("bad_frame", str(e))
+            return
+        if self._fds and not self._frames.pending_bytes:  # a descriptor that came with another frame
+            self._refuse("bad_frame", "a descriptor arrived without a register_arena frame")
 
     def _dispatch(self, msg: Hello | RegisterArena | ReleaseArena | Snapshot | StatusRequest) -> None:
         if not self._hello and not isinstance(msg, Hello):

@@ -13,8 +13,11 @@ import contextlib
 import fcntl
 import logging
 import os
+import resource
+import secrets
 import signal
 import socket
+import stat
 import struct
 import time
 from collections.abc import Callable
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckptd import commit
-from ckptd.daemon.connection import Connection
+from ckptd.daemon.connection import MAX_ARENAS, MAX_CONNECTIONS, Connection
 from ckptd.daemon.metrics import Metrics, serve_metrics
 from ckptd.daemon.notify import Notifier
 from ckptd.daemon.pipeline import Pipeline, PipelineOptions
@@ -78,9 +81,11 @@ class Daemon:
         self._connections: set[Connection] = set()
         self._listener: socket.socket | None = None
         self._lock_fd: int | None = None
+        self._root_lock_fd: int | None = None
         self._stop = asyncio.Event()
         self._signals = 0
         self._started = time.monotonic()
+        self.instance = secrets.token_hex(8)
 
     async def run(self, on_ready: Callable[[], None] | None = None) -> None:
         await self.startup()
@@ -95,9 +100,18 @@ class Daemon:
 
     async def startup(self) -> None:
         opts = self.options
+        _raise_fd_limit()
         opts.root.mkdir(parents=True, exist_ok=True)
         opts.socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._lock_fd = _take_lock(opts.socket_path)
+        _check_private_dir(opts.socket_path.parent)
+        self._lock_fd = _take_lock(
+            opts.socket_path.with_name(opts.socket_path.name + ".lock"),
+            f"one is already running (or starting) on {opts.socket_path}",
+        )
+        # Two daemons on one root would sweep each other's temp directories: one root, one daemon.
+        self._root_lock_fd = _take_lock(
+            opts.root / ".ckptd.lock", f"another daemon serves the root {opts.root}"
+        )
         if _answers(opts.socket_path):
             raise DaemonError(
                 f"a ckptd daemon already answers on {opts.socket_path}; "
@@ -161,6 +175,16 @@ class Daemon:
             sock, _ = self._listener.accept()
         except (BlockingIOError, InterruptedError):
             return
+        except OSError as e:  # EMFILE/ENFILE: pause accepting instead of spinning on the error
+            log.error("accept failed (%s); pausing new connections for 1s", e)
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self._listener.fileno())
+            loop.call_later(1.0, self._resume_accept)
+            return
+        if len(self._connections) >= MAX_CONNECTIONS:
+            log.warning("refusing a connection: %d clients already", len(self._connections))
+            sock.close()
+            return
         sock.setblocking(False)
         pid, uid, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
         if uid != os.geteuid():
@@ -169,6 +193,10 @@ class Daemon:
             return
         self._connections.add(Connection(self, sock, pid))
 
+    def _resume_accept(self) -> None:
+        if self._listener is not None:
+            asyncio.get_running_loop().add_reader(self._listener.fileno(), self._accept)
+
     def forget(self, conn: Connection) -> None:
         self._connections.discard(conn)
 
@@ -176,6 +204,8 @@ class Daemon:
         return Welcome(
             version=PROTOCOL_VERSION,
             pid=os.getpid(),
+            instance=self.instance,
+            max_arenas=MAX_ARENAS,
             root=str(self.options.root),
             max_shard_size=self.options.max_shard_size,
         )
@@ -220,24 +250,45 @@ class Daemon:
             self._watchdog.cancel()
         if self._metrics_server is not None:
             self._metrics_server.close()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        for fd in (self._lock_fd, self._root_lock_fd):
+            if fd is not None:
+                os.close(fd)
+        self._lock_fd = self._root_lock_fd = None
         log.info("ckptd stopped")
 
 
-def _take_lock(socket_path: Path) -> int:
-    lock_path = socket_path.with_name(socket_path.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def _take_lock(lock_path: Path, held_means: str) -> int:
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise DaemonError(
-            f"another ckptd daemon holds {lock_path}: one is already running (or starting) on "
-            f"{socket_path}; use it, or stop it first"
+            f"another ckptd daemon holds {lock_path}: {held_means}; use it, or stop it first"
         ) from None
     return fd
+
+
+def _check_private_dir(path: Path) -> None:
+    """The socket's directory must be ours and not writable by others (unless sticky, like /tmp):
+    otherwise another user could plant a socket or symlinks where clients will connect."""
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise DaemonError(f"{path} is not a directory (a symlink?); choose another socket path")
+    sticky = bool(st.st_mode & stat.S_ISVTX)
+    if not sticky and (st.st_uid != os.geteuid() or st.st_mode & 0o022):
+        raise DaemonError(
+            f"{path} is owned by uid {st.st_uid} or writable by others (mode {stat.S_IMODE(st.st_mode):o}); "
+            "put the socket in a private directory"
+        )
+
+
+def _raise_fd_limit() -> None:
+    """Each arena is a descriptor: take the hard limit of open files, not the soft default."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _answers(socket_path: Path) -> bool:

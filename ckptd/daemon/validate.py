@@ -13,6 +13,7 @@ from ckptd.protocol import ComponentEntry, Snapshot
 #: Small text files a snapshot may carry besides its shards.
 ALLOWED_FILES = frozenset({"config.json", "generation_config.json"})
 _RESERVED_COMPONENTS = frozenset({"ckptd"})
+MAX_DIMS = 64
 
 
 class InvalidRequest(ValueError):
@@ -62,8 +63,13 @@ def _check_component(c: ComponentEntry, arena_size: int) -> int:
             seen.add(t.name)
             if t.dtype not in ITEMSIZE:
                 raise InvalidRequest(f"{where}: tensor {t.name!r} has unknown dtype {t.dtype!r}")
-            if any(d < 0 for d in t.shape):
-                raise InvalidRequest(f"{where}: tensor {t.name!r} has a negative dimension")
+            # safetensors reads dims as u64 and sizes as usize: keep both far from overflowing.
+            if (
+                len(t.shape) > MAX_DIMS
+                or numel([max(d, 1) for d in t.shape]) >= 2**62
+                or min(t.shape, default=0) < 0
+            ):
+                raise InvalidRequest(f"{where}: tensor {t.name!r} has an invalid shape {t.shape[:8]}")
             size = numel(t.shape) * ITEMSIZE[t.dtype]
             if t.start != pos or t.end - t.start != size:
                 raise InvalidRequest(
