@@ -14,12 +14,10 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import JsonValue
 
 from ckptd import paths
@@ -42,7 +40,8 @@ from client.errors import CheckpointError
 from client.handle import CommitInfo, SnapshotHandle, now
 from client.plan import Plan, copy_pairs, make_plan, signature
 from client.slots import Policy, Quarantine, SlotPool
-from client.spawn import default_root, default_socket, spawn_daemon
+from client.spawn import connect_daemon, default_socket
+from client.staging import CudaStager, copy_host
 from client.tree import Flat, flatten
 
 log = logging.getLogger(__name__)
@@ -107,8 +106,7 @@ class Client:
         self._plan: Plan | None = None
         self._status: list[StatusReply] = []
         self._status_ready = threading.Condition()
-        self._gpu_sender: ThreadPoolExecutor | None = None
-        self._copy_stream: Any = None
+        self._cuda = CudaStager()
         self._closed = False
 
     # --- connecting ------------------------------------------------------------------------------
@@ -142,56 +140,25 @@ class Client:
         return client
 
     def _reconnect(self) -> None:
-        deadline = time.monotonic() + self.options.connect_timeout_s
         if self._channel is not None:
             self._channel.close()
             self._channel = None
-        try:
-            channel = Channel.open(self.socket_path, self.options.connect_timeout_s)
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            if not self.autostart:
-                raise CheckpointError(
-                    f"no ckptd daemon answers on {self.socket_path}; start one with "
-                    f"`ckptd serve --socket {self.socket_path} --root DIR` or pass autostart=True",
-                    code="no_daemon",
-                ) from e
-            channel = self._start_daemon(deadline)
+        channel = connect_daemon(
+            self.socket_path,
+            autostart=self.autostart,
+            expected_root=self._expected_root,
+            slots=self.options.slots,
+            daemon_args=self.options.daemon_args,
+            max_shard_size=self.options.max_shard_size,
+            timeout_s=self.options.connect_timeout_s,
+        )
         welcome = channel.welcome
-        root = Path(welcome.root)
-        problem = None
-        if self._expected_root is not None and root != self._expected_root:
-            problem = CheckpointError(
-                f"the ckptd daemon on {self.socket_path} writes to {root}, not {self._expected_root}; "
-                "pass root=None to use it, or give this run its own socket (CKPTD_SOCKET)",
-                code="root_mismatch",
-            )
-        elif self.options.slots > welcome.max_arenas:
-            problem = CheckpointError(
-                f"slots={self.options.slots} exceeds the {welcome.max_arenas} arenas the daemon allows",
-                code="bad_option",
-            )
-        if problem is not None:
-            channel.close()
-            raise problem
-        self.root = root
+        self.root = Path(welcome.root)
         self._registered.clear()
         self._channel = channel
         # A different daemon instance means the one that could still read quarantined slots is gone.
         self._slots.release_quarantined(lambda q: q.instance != welcome.instance)
         channel.start(self._on_message, lambda reason: self._on_close(channel, reason))
-
-    def _start_daemon(self, deadline: float) -> Channel:
-        root = self._expected_root or default_root()
-        args = list(self.options.daemon_args)
-        if self.options.max_shard_size is not None:
-            args += ["--max-shard-size", str(self.options.max_shard_size)]
-        log.info("no ckptd on %s; starting one (root %s)", self.socket_path, root)
-        try:
-            spawn_daemon(self.socket_path, root, args, max(1.0, deadline - time.monotonic()))
-        except CheckpointError:
-            # Another process may have started one first: use it if it answers.
-            return Channel.open(self.socket_path, self.options.connect_timeout_s)
-        return Channel.open(self.socket_path, self.options.connect_timeout_s)
 
     def _connected(self) -> Channel:
         if self._channel is None or self._channel.closed:
@@ -270,52 +237,25 @@ class Client:
             self._pending[handle.id] = entry
             self._handles.append(handle)
         if flat.cuda:
-            event = self._copy_cuda(request.arena, pairs)
+            event = self._cuda.copy(request.arena, pairs)
         else:
-            with torch.no_grad():
-                for dst, src in pairs:
-                    dst.copy_(src)
+            copy_host(pairs)
             handle._set_staged()
         # Set before sending: the commit can be reported before this thread runs again.
         handle.stall_s = now() - started
         if flat.cuda:
-            if self._gpu_sender is None:
-                raise RuntimeError("GPU sender missing")  # created by _copy_cuda
-            self._gpu_sender.submit(self._send_when_copied, event, entry)
+            self._cuda.after(event, lambda error: self._sent_after_copy(entry, error))
         else:
             self._send(entry)
 
-    def _copy_cuda(self, arena: Arena, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
-        # DESIGN §8: the copy stream waits for pending work, copies run non_blocking into the
-        # page-locked arena, and the current stream waits for the copies so later in-place
-        # updates cannot race them. The request is sent once the event has fired.
-        arena.pin_for_cuda()
-        if self._copy_stream is None:
-            self._copy_stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-            self._gpu_sender = ThreadPoolExecutor(1, thread_name_prefix="ckptd-gpu-send")
-        stream, current = self._copy_stream, torch.cuda.current_stream()
-        stream.wait_stream(current)
-        with torch.no_grad(), torch.cuda.stream(stream):
-            for dst, src in pairs:
-                dst.copy_(src, non_blocking=src.is_cuda)
-                if src.is_cuda:
-                    src.record_stream(stream)
-        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        event.record(stream)
-        current.wait_stream(stream)
-        return event
-
-    def _send_when_copied(self, event: Any, entry: _InFlight) -> None:
-        try:
-            event.synchronize()
-        except BaseException as e:  # a CUDA error must fail the handle, not vanish in a thread
-            entry.handle._set_staged()
-            self._fail(
-                entry.handle.id, CheckpointError(f"device-to-host copy failed: {e}", code="copy_error")
-            )
-            return
+    def _sent_after_copy(self, entry: _InFlight, error: BaseException | None) -> None:
         entry.handle._set_staged()
-        self._send(entry)
+        if error is not None:
+            self._fail(
+                entry.handle.id, CheckpointError(f"device-to-host copy failed: {error}", code="copy_error")
+            )
+        else:
+            self._send(entry)
 
     def _send(self, entry: _InFlight) -> None:
         """Send on the connection the snapshot was staged for; if it is gone, the snapshot is lost
@@ -540,8 +480,7 @@ class Client:
                 if not ok:
                     log.warning("closing with %d snapshots still in flight", len(self._pending))
             self._closed = True
-            if self._gpu_sender is not None:
-                self._gpu_sender.shutdown(wait=True)
+            self._cuda.close()
             self._slots.close()
             if self._channel is not None:
                 self._channel.close()

@@ -7,12 +7,17 @@ the launching command exit, with the start-up error if there was one.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+from client.channel import Channel
 from client.errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 
 def default_socket() -> Path:
@@ -65,3 +70,57 @@ def spawn_daemon(socket_path: Path, root: Path, extra_args: list[str], timeout_s
         raise CheckpointError(
             f"could not start ckptd: {done.stderr.strip() or done.stdout.strip()}", code="daemon_start"
         )
+
+
+def connect_daemon(
+    socket_path: Path,
+    *,
+    autostart: bool,
+    expected_root: Path | None,
+    slots: int,
+    daemon_args: tuple[str, ...],
+    max_shard_size: int | str | None,
+    timeout_s: float,
+) -> Channel:
+    """A channel to the daemon on ``socket_path``, starting one if allowed, checked against what
+    the client expects (its root, enough arenas)."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        channel = Channel.open(socket_path, timeout_s)
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        if not autostart:
+            raise CheckpointError(
+                f"no ckptd daemon answers on {socket_path}; start one with "
+                f"`ckptd serve --socket {socket_path} --root DIR` or pass autostart=True",
+                code="no_daemon",
+            ) from e
+        root = expected_root or default_root()
+        args = list(daemon_args)
+        if max_shard_size is not None:
+            args += ["--max-shard-size", str(max_shard_size)]
+        log.info("no ckptd on %s; starting one (root %s)", socket_path, root)
+        try:
+            spawn_daemon(socket_path, root, args, max(1.0, deadline - time.monotonic()))
+        except CheckpointError as spawn_error:
+            try:  # another process may have started one first: use it if it answers
+                channel = Channel.open(socket_path, timeout_s)
+            except OSError:
+                raise spawn_error from None
+        else:
+            channel = Channel.open(socket_path, timeout_s)
+    welcome = channel.welcome
+    problem = None
+    if expected_root is not None and Path(welcome.root) != expected_root:
+        problem = CheckpointError(
+            f"the ckptd daemon on {socket_path} writes to {welcome.root}, not {expected_root}; "
+            "pass root=None to use it, or give this run its own socket (CKPTD_SOCKET)",
+            code="root_mismatch",
+        )
+    elif slots > welcome.max_arenas:
+        problem = CheckpointError(
+            f"slots={slots} exceeds the {welcome.max_arenas} arenas the daemon allows", code="bad_option"
+        )
+    if problem is not None:
+        channel.close()
+        raise problem
+    return channel

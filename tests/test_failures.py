@@ -148,3 +148,24 @@ def test_resubmit_skips_a_snapshot_whose_slot_was_reused(
     start_daemon(root=d.root, sock=d.socket)
     c.snapshot({"w": torch.full((8,), 2.0)}, step=2).wait(60)  # reuses the only slot
     assert c.resubmit() == []
+
+
+def test_a_lost_connection_never_lets_the_next_snapshot_overwrite_bytes_being_written(
+    start_daemon: Callable[..., DaemonProc], connect: Callable[..., Client]
+) -> None:
+    d = start_daemon("--workers", "1", faults="slow:0.15")
+    c = connect(d, slots=1, max_shard_size="4KB")
+    first = {f"t{i}": torch.full((32, 32), 1.0) for i in range(4)}
+    handle = c.snapshot(first, step=1)
+    # Break this connection while the daemon, alive, is still writing step 1 from the slot.
+    assert c._channel is not None
+    c._channel.send_bytes(b"\x00\x00\x00\x02{}")
+    with pytest.raises(CheckpointError) as e:
+        handle.wait(10)
+    assert e.value.code == "daemon_died"
+    second = {f"t{i}": torch.full((32, 32), 2.0) for i in range(4)}
+    info = c.snapshot(second, step=2).wait(60)  # must wait for the slot, not overwrite it
+    assert info is not None
+    step1 = ckptd.load(d.root / "default" / "step-000001")["model"]
+    assert all(torch.equal(v, first[k]) for k, v in step1.items()), "step 1 is not torn"
+    assert c.resubmit() == [], "step 1 was committed by the daemon after all"

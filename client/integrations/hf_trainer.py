@@ -261,7 +261,9 @@ class CkptdCallback(TrainerCallback):
         tree["step"] = step
         handle = self.client.snapshot(tree, step=step, run=self.run, policy=self.policy)
         self._last_step = step
-        self.handles = [h for h in self.handles if not h.done_now() or h.error is not None]
+        # Forget committed ones; pending and failed ones stay for wait() (a failure is also raised
+        # by the client's next snapshot()).
+        self.handles = [h for h in self.handles if h.path is None and not h.skipped]
         self.handles.append(handle)
 
     def _trainer_state(self, state: TrainerState, control: TrainerControl) -> Any:

@@ -117,7 +117,13 @@ class CkptdCheckpointIO(CheckpointIO):
         key: _Key = (str(client.root), run, int(checkpoint["global_step"]))
         self._prune()
         handle = self._handles.get(key)
-        if handle is None or (handle.done_now() and (handle.error is not None or handle.skipped)):
+        if handle is not None and handle.done_now() and handle.path is None:  # failed (or skipped)
+            if handle.error is not None:
+                log.warning(
+                    "[run=%s step=%d] earlier save failed (%s); saving again", run, key[2], handle.error
+                )
+            handle = None
+        if handle is None:
             if (Path(key[0]) / run / paths.step_dirname(key[2])).exists():
                 raise CheckpointError(
                     f"step {key[2]} of run {run!r} is already committed in {key[0]} (by an earlier "
