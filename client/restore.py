@@ -13,6 +13,7 @@ from torch import nn
 from ckptd import paths, reading
 from ckptd.manifest import ManifestError, read_manifest
 from client.errors import CheckpointError
+from client.offload import is_offloaded, load_offloaded_state_dict
 from client.tree import normalize, optimizer_param_order, param_names
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,10 @@ def apply(obj: object, loaded: Mapping[str, Any]) -> None:
     for key, target in top.items():
         value = loaded[key]
         if isinstance(target, nn.Module):
-            target.load_state_dict(value)
+            if is_offloaded(target):
+                load_offloaded_state_dict(target, value)
+            else:
+                target.load_state_dict(value)
         elif isinstance(target, torch.optim.Optimizer):
             target.load_state_dict(_optimizer_state(target, value, names))
         elif isinstance(obj, MutableMapping) and obj.get(key) is target:  # obj is the tree itself

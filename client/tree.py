@@ -21,6 +21,7 @@ from torch import nn
 
 from ckptd.paths import InvalidName, check_name
 from ckptd.torch_dtypes import safetensors_dtype
+from client.offload import is_offloaded, onloaded_state_dict
 
 _PLAIN = (bool, int, float, str, type(None))
 #: Deepest nesting of dicts and lists in a snapshot (JSON parsers stop at a few hundred levels).
@@ -114,6 +115,8 @@ def flatten(obj: object) -> Flat:
         if isinstance(value, nn.Module):
             comp = _component(key, _tied_names(value))
             state = value.state_dict()
+            if is_offloaded(value):
+                state = onloaded_state_dict(value)
             for name, t in state.items():
                 comp.add(name, t)
             nodes[key] = {"$module": key, "keys": list(state)}

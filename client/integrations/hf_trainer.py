@@ -21,8 +21,10 @@ it snapshots the training state to ckptd and clears ``should_save``, so ``_save_
 - ``trainer_state``: ``TrainerState`` as JSON values (what ``save_to_json`` writes), with the
   current states of stateful callbacks (as ``_save_checkpoint`` records them).
 
-It is taken in ``on_step_end``, i.e. after the optimizer step and before this step's logging and
-evaluation: ``trainer_state.log_history`` lacks the log line of the saved step itself.
+It is taken in ``on_step_end``, i.e. after the optimizer step and before this step's logging
+and evaluation: ``trainer_state.log_history`` lacks the log line of the saved step itself. A step
+already committed in the run (resuming from an older step after an earlier attempt went further)
+is kept and not saved again, with a warning: ckptd never overwrites a committed step.
 ``save_strategy="best"`` and ``load_best_model_at_end`` need the Trainer's own checkpoints and are
 refused. One process only (no multi-rank coordination yet).
 
@@ -53,6 +55,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
+from ckptd import paths
 from client import restore as restore_mod
 from client.client import Client
 from client.errors import CheckpointError
@@ -246,6 +249,15 @@ class CkptdCallback(TrainerCallback):
         step = state.global_step
         if step == self._last_step:
             return  # already saved at this step (e.g. the last step of an epoch)
+        run = self.run or self.client.run
+        if (self.client.root / run / paths.step_dirname(step)).exists():
+            # Resumed from an older step: an earlier attempt committed this one (ckptd never
+            # overwrites a committed step). Keep it rather than fail the training.
+            log.warning(
+                "[run=%s step=%d] already committed by an earlier attempt; not saved again", run, step
+            )
+            self._last_step = step
+            return
         model = kwargs.get("model")
         if model is None:
             raise CheckpointError("the Trainer passed no model to the callback", code="restore_mismatch")
@@ -259,7 +271,7 @@ class CkptdCallback(TrainerCallback):
         tree["rng"] = capture_rng()
         tree["trainer_state"] = self._trainer_state(state, control)
         tree["step"] = step
-        handle = self.client.snapshot(tree, step=step, run=self.run, policy=self.policy)
+        handle = self.client.snapshot(tree, step=step, run=run, policy=self.policy)
         self._last_step = step
         # Forget committed ones; pending and failed ones stay for wait() (a failure is also raised
         # by the client's next snapshot()).
