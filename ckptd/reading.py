@@ -140,7 +140,11 @@ def load_manifest(step_dir: Path, manifest: Manifest, *, verify_checksums: bool 
 
 
 def read_shard(path: Path, record: FileRecord | None) -> dict[str, Any]:
-    """Read one safetensors shard into CPU tensors, hashing it as it is read when ``record``."""
+    """Read one safetensors shard into CPU tensors, hashing it as it is read when ``record``.
+
+    Each tensor gets its own storage, read straight from the file into it: no shard-sized buffer
+    is kept alive by one small tensor, and every tensor is an ordinary one (offset 0).
+    """
     import torch
 
     from ckptd.torch_dtypes import FROM_SAFETENSORS
@@ -153,16 +157,20 @@ def read_shard(path: Path, record: FileRecord | None) -> dict[str, Any]:
         ) from e
     try:
         size = os.fstat(fd).st_size
-        buf = torch.empty(size, dtype=torch.uint8)
-        view = memoryview(buf.numpy())  # type: ignore[arg-type]
         h = checksum.new()
-        pos = 0
-        while pos < size:
-            n = os.readv(fd, [view[pos : pos + _CHUNK]])
-            if n == 0:
-                raise CorruptCheckpoint(f"{path}: file shrank while being read")
-            h.update(view[pos : pos + n])
-            pos += n
+        first8 = os.pread(fd, 8, 0)
+        prefix = first8 + os.pread(fd, max(0, header_span(first8) - len(first8)), len(first8))
+        try:
+            header = decode_header(prefix, size, str(path))
+        except ShardFormatError as e:
+            raise CorruptCheckpoint(str(e)) from e
+        h.update(prefix)
+        out = {}
+        for entry in sorted(header.entries, key=lambda e: e.start):  # file order, for the hash
+            t = torch.empty(entry.shape, dtype=FROM_SAFETENSORS[entry.dtype])
+            raw = memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+            _read_into(fd, raw, header.data_start + entry.start, h, path)
+            out[entry.name] = t
     finally:
         os.close(fd)
     if record is not None and (size != record.bytes or h.hexdigest() != record.xxh3_128):
@@ -170,15 +178,14 @@ def read_shard(path: Path, record: FileRecord | None) -> dict[str, Any]:
             f"{path}: content does not match the manifest checksum ({size} bytes, expected "
             f"{record.bytes}); the file is corrupted"
         )
-    try:
-        header = decode_header(bytes(view[: header_span(bytes(view[:8]))]), size, str(path))
-    except ShardFormatError as e:
-        raise CorruptCheckpoint(str(e)) from e
-    out = {}
-    for entry in header.entries:
-        dtype = FROM_SAFETENSORS[entry.dtype]
-        raw = buf[header.data_start + entry.start : header.data_start + entry.end]
-        if (header.data_start + entry.start) % dtype.itemsize:
-            raw = raw.clone()  # unaligned (not written by ckptd): copy before reinterpreting
-        out[entry.name] = raw.view(dtype).reshape(entry.shape)
     return out
+
+
+def _read_into(fd: int, view: memoryview, offset: int, h: Any, path: Path) -> None:
+    pos = 0
+    while pos < len(view):
+        n = os.preadv(fd, [view[pos : pos + _CHUNK]], offset + pos)
+        if n == 0:
+            raise CorruptCheckpoint(f"{path}: file shrank while being read")
+        h.update(view[pos : pos + n])
+        pos += n
