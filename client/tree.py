@@ -20,7 +20,7 @@ from pydantic import JsonValue
 from torch import nn
 
 from ckptd.paths import InvalidName, check_name
-from ckptd.torch_dtypes import safetensors_dtype
+from ckptd.torch_dtypes import TO_SAFETENSORS, safetensors_dtype
 from client.offload import is_offloaded, onloaded_state_dict
 
 _PLAIN = (bool, int, float, str, type(None))
@@ -33,27 +33,27 @@ class Component:
     name: str
     tensors: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # unique, in order
     aliases: dict[str, str] = field(default_factory=dict)
-    _seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = field(
-        default_factory=dict
-    )
+    _seen: dict[tuple[int, torch.Size, tuple[int, ...], torch.dtype], str] = field(default_factory=dict)
     _names: set[str] = field(default_factory=set)
     prefer_dropped: frozenset[str] = frozenset()
 
     def add(self, name: str, t: torch.Tensor) -> None:
+        # Runs once per tensor per snapshot: only cheap attribute reads on the common path.
         if name in self._names:
             raise ValueError(
                 f"two tensors would both be named {name!r} in component {self.name!r}; "
                 "rename a key so that dotted paths are unique"
             )
         self._names.add(name)
-        if t.device.type == "meta":
+        if t.is_meta:
             raise ValueError(
                 f"tensor {self.name}/{name} is on the meta device (an offloaded or uninitialised "
                 "parameter); onload the model (accelerate) before snapshotting"
             )
-        safetensors_dtype(t.dtype, name)
-        key = (t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape), t.stride(), t.dtype)
-        if t.numel() and key in self._seen:
+        if t.dtype not in TO_SAFETENSORS:
+            safetensors_dtype(t.dtype, name)  # raises with the reason
+        key = (t.data_ptr(), t.shape, t.stride(), t.dtype)
+        if key in self._seen and t.numel():
             self.aliases[name] = self._seen[key]
             return
         self._seen[key] = name
