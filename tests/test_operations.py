@@ -130,3 +130,21 @@ def test_dockerfile_and_slurm_script_name_the_daemon() -> None:
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
     assert "ckptd serve --detach" in text and "kill -TERM" in text
+
+
+def test_second_sigterm_exits_without_waiting_for_the_drain(
+    start_daemon: Callable[..., DaemonProc], connect: Callable[..., Client]
+) -> None:
+    d = start_daemon("--workers", "1", faults="slow:2.0")
+    c = connect(d, max_shard_size="4KB")
+    handle = c.snapshot({f"t{i}": torch.ones(32, 32) for i in range(8)}, step=1)  # ~20 s to write
+    time.sleep(0.5)
+    d.proc.send_signal(signal.SIGTERM)  # starts draining
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    d.proc.send_signal(signal.SIGTERM)  # the operator insists
+    assert d.proc.wait(10) != 0
+    assert time.monotonic() - t0 < 5
+    with pytest.raises(CheckpointError):
+        handle.wait(10)
+    assert not (d.root / "default" / "step-000001").exists(), "nothing partial became visible"
