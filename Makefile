@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint typecheck clean
+.PHONY: setup demo test lint typecheck clean bench bench-quick reliability
 
 setup: $(VENV)/.installed
 
@@ -20,14 +20,24 @@ demo: setup
 	$(BIN)/python examples/demo.py
 
 lint: setup
-	$(BIN)/ruff check ckptd client tests examples
-	$(BIN)/ruff format --check ckptd client tests examples
+	$(BIN)/ruff check ckptd client tests examples bench
+	$(BIN)/ruff format --check ckptd client tests examples bench
 
 typecheck: setup
 	$(BIN)/mypy
 
 test: lint typecheck
 	$(BIN)/pytest
+
+bench: setup
+	$(BIN)/python -m bench.run
+
+bench-quick: setup
+	$(BIN)/python -m bench.run --quick
+
+# Runs the crash, power-loss, corruption, hostile-input and load tests and rewrites docs/RELIABILITY.md.
+reliability: setup
+	$(BIN)/python tests/reliability.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -22,11 +22,10 @@ def of_bytes(data: bytes) -> str:
 def of_file(path: Path) -> tuple[str, int]:
     """(hex digest, size) of a file, read in large chunks."""
     h = new()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
     size = 0
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
+        view = memoryview(bytearray(max(1, min(_CHUNK, os.fstat(fd).st_size))))
         while n := os.readv(fd, [view]):
             h.update(view[:n])
             size += n

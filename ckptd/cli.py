@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from ckptd import paths, reading
-from ckptd.manifest import ManifestError, read_manifest
+from ckptd.manifest import MANIFEST_NAME, ManifestError, read_manifest
 from ckptd.protocol import StatusReply
 from ckptd.sizes import format_size, parse_size
 from ckptd.storage import Storage
@@ -172,11 +172,15 @@ def _ls(root: Path, *, as_json: bool) -> int:
 
 
 def _verify(path: Path) -> int:
-    try:
-        step_dir = reading.resolve(path)
-    except FileNotFoundError as e:
-        print(f"ckptd verify: {e}", file=sys.stderr)
-        return 2
+    steps = [] if (path / MANIFEST_NAME).exists() else paths.committed_steps(path)
+    if steps:
+        step_dir = steps[-1][1]  # a run: its highest step, even if its manifest is what broke
+    else:
+        try:
+            step_dir = reading.resolve(path)
+        except FileNotFoundError as e:
+            print(f"ckptd verify: {e}", file=sys.stderr)
+            return 2
     problems = reading.verify(step_dir)
     if problems:
         for p in problems:

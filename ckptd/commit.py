@@ -13,8 +13,10 @@ removed. ``commit()`` is the single step a multi-rank coordinator calls once all
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,20 +79,36 @@ def write_file(storage: Storage, path: Path, data: bytes) -> FileRecord:
 
 
 def write_shard(storage: Storage, path: Path, header: bytes, data: memoryview) -> FileRecord:
-    """Write header then data in large chunks, hashing each chunk just before it is written."""
+    """Write header then data in chunks. Each chunk is first copied out of the shared arena and
+    then hashed and written from that copy: a client that scribbles on its arena during the
+    write can make the snapshot wrong, but never make its checksum disagree with its bytes."""
     h = checksum.new()
     h.update(header)
+    buf = _chunk_buffer()
     fd = storage.create(path)
     try:
         offset = storage.write_all(fd, header, 0)
         for start in range(0, len(data), _CHUNK_BYTES):
-            chunk = data[start : start + _CHUNK_BYTES]
+            n = min(_CHUNK_BYTES, len(data) - start)
+            buf[:n] = data[start : start + n]
+            chunk = buf[:n]
             h.update(chunk)
             offset = storage.write_all(fd, chunk, offset)
         storage.fsync(fd)
     finally:
         storage.close(fd)
     return FileRecord(file=path.name, bytes=offset, xxh3_128=h.hexdigest())
+
+
+_local = threading.local()
+
+
+def _chunk_buffer() -> memoryview:
+    """This writer thread's chunk buffer, made once."""
+    buf = getattr(_local, "buf", None)
+    if buf is None:
+        buf = _local.buf = memoryview(bytearray(_CHUNK_BYTES))
+    return buf
 
 
 def seal(storage: Storage, staged: StagedCheckpoint, manifest: Manifest) -> None:
@@ -110,7 +128,14 @@ def commit(storage: Storage, staged: StagedCheckpoint) -> Path:
     if final.exists():
         raise CommitError(f"{final} appeared while step {staged.step} was being written")
     storage.rename(staged.temp_dir, final)
-    storage.fsync_dir(staged.run_dir)
+    try:
+        storage.fsync_dir(staged.run_dir)
+    except OSError:
+        # Not known to be durable: unpublish it (best effort), so the failed attempt is removed.
+        with contextlib.suppress(OSError):
+            storage.rename(final, staged.temp_dir)
+            storage.fsync_dir(staged.run_dir)
+        raise
     current = paths.read_latest(staged.run_dir)
     current_step = paths.parse_step_dirname(current) if current else None
     if current_step is not None and current_step > staged.step:
@@ -125,8 +150,13 @@ def commit(storage: Storage, staged: StagedCheckpoint) -> Path:
 
 def write_latest(storage: Storage, run_dir: Path, name: str) -> None:
     tmp = run_dir / f"{paths.LATEST}{paths.TEMP_MARKER}{secrets.token_hex(4)}"
-    write_file(storage, tmp, (name + "\n").encode())
-    storage.rename(tmp, run_dir / paths.LATEST)
+    try:
+        write_file(storage, tmp, (name + "\n").encode())
+        storage.rename(tmp, run_dir / paths.LATEST)
+    except OSError:
+        with contextlib.suppress(OSError):
+            storage.unlink(tmp)
+        raise
     storage.fsync_dir(run_dir)
 
 
@@ -150,16 +180,20 @@ def apply_retention(storage: Storage, run_dir: Path, keep_last: int, newest: Pat
     steps = [p for _, p in paths.committed_steps(run_dir)]
     latest = paths.read_latest(run_dir)
     keep = set(steps[-keep_last:]) | {newest} | ({run_dir / latest} if latest else set())
-    removed = []
+    removed, doomed = [], []
     for p in steps:
-        if p in keep:
-            continue
-        doomed = run_dir / f"{p.name}{paths.TEMP_MARKER}pruned-{secrets.token_hex(4)}"
-        storage.rename(p, doomed)
-        storage.remove_tree(doomed)
-        removed.append(p)
-    if removed:
-        storage.fsync_dir(run_dir)
+        if p not in keep:
+            doomed.append(run_dir / f"{p.name}{paths.TEMP_MARKER}pruned-{secrets.token_hex(4)}")
+            storage.rename(p, doomed[-1])
+            removed.append(p)
+    if not removed:
+        return []
+    # The renames must be durable before any content goes, or a power cut could bring back a
+    # half-emptied step under its committed name.
+    storage.fsync_dir(run_dir)
+    for d in doomed:
+        storage.remove_tree(d)
+    storage.fsync_dir(run_dir)
     return removed
 
 
@@ -174,6 +208,6 @@ def sweep(storage: Storage, root: Path) -> list[Path]:
                 if p.is_dir() and not p.is_symlink():
                     storage.remove_tree(p)
                 else:
-                    p.unlink()
+                    storage.unlink(p)
                 swept.append(p)
     return swept

@@ -24,10 +24,8 @@ class CorruptCheckpoint(ValueError):
 
 
 def latest(root: str | os.PathLike[str], run: str = "default") -> Path | None:
-    """The newest committed checkpoint of ``run`` whose manifest is intact, or None.
-
-    Follows ``LATEST`` when it points at an intact checkpoint, else the highest such step.
-    """
+    """The newest committed checkpoint of ``run`` whose manifest is intact, or None: the
+    highest such step (``LATEST`` names it too, unless moving ``LATEST`` failed)."""
     for p in candidates(Path(root) / paths.check_name("run", run)):
         try:
             read_manifest(p)
@@ -38,12 +36,9 @@ def latest(root: str | os.PathLike[str], run: str = "default") -> Path | None:
 
 
 def candidates(run_dir: Path) -> list[Path]:
-    steps = [p for _, p in reversed(paths.committed_steps(run_dir))]
-    name = paths.read_latest(run_dir)
-    if name is not None and (run_dir / name) in steps:
-        steps.remove(run_dir / name)
-        steps.insert(0, run_dir / name)
-    return steps
+    """Committed step directories, highest step first. ``LATEST`` only ever moves forward, so the
+    highest intact step is at least as new as the one it names (it may lag if moving it failed)."""
+    return [p for _, p in reversed(paths.committed_steps(run_dir))]
 
 
 def verify(path: str | os.PathLike[str]) -> list[str]:

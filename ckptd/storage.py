@@ -42,6 +42,9 @@ class Storage:
         """Rename; ``dst`` is replaced if it is a file (used for LATEST)."""
         os.rename(src, dst)
 
+    def unlink(self, path: Path) -> None:
+        os.unlink(path)
+
     def remove_tree(self, path: Path) -> None:
         shutil.rmtree(path)
 

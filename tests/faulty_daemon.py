@@ -1,21 +1,44 @@
 """A real ckptd daemon whose write layer injects faults: ``faulty_daemon.py FAULT serve-args...``.
 
-FAULT is ``eio-write:STEP`` (EIO from pwrite while writing that step's shards),
-``enospc-write:STEP``, ``eio-fsync:STEP``, or ``slow:SECONDS`` (every shard write sleeps first).
+FAULT is one of
+
+- ``eio-write:STEP`` (EIO from pwrite while writing that step's shards), ``enospc-write:STEP``,
+  ``eio-fsync:STEP``;
+- ``slow:SECONDS`` (every pwrite sleeps first);
+- ``kill-at:OP:N[:STEP]``: SIGKILL the daemon *before* the N-th call of the Storage operation OP;
+- ``kill-after:OP:N[:STEP]``: SIGKILL it right *after* the N-th call of OP returned;
+- ``eio-at:OP:N[:STEP]``: the N-th call of OP fails with EIO instead (nothing is done).
+
+OP is a ``Storage`` method (``mkdir``, ``create``, ``pwrite``, ``fsync``, ``close``, ``fsync_dir``,
+``rename``, ``remove_tree``) or ``any``, optionally followed by ``@GLOB`` to count only calls on a
+path whose name matches (for ``pwrite``/``fsync``/``close``, the name the descriptor was created
+with; for ``rename``, the source or the destination name): ``create@ckptd.json`` is the manifest,
+``rename@LATEST*`` moves ``LATEST``, ``create@*.index.json`` writes an index. With STEP, calls are
+only counted once the temp directory of that step was created (so step 1 can be committed first
+and the fault hits step 2). The daemon prints ``faulty_daemon: <what>`` to stderr when it fires.
+
 The fake subclasses the real ``Storage``; everything else is the real daemon.
 """
 
 from __future__ import annotations
 
 import errno
+import fnmatch
 import os
+import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from ckptd.cli import main
 from ckptd.storage import Storage
+
+T = TypeVar("T")
+OPS = ("mkdir", "create", "pwrite", "fsync", "close", "fsync_dir", "rename", "remove_tree", "any")
+COUNTED = ("kill-at", "kill-after", "eio-at")
 
 
 class FaultyStorage(Storage):
@@ -25,13 +48,67 @@ class FaultyStorage(Storage):
         self.fsynced_files: list[str] = []
         self._names: dict[int, Path] = {}
         self._lock = threading.Lock()
+        self._calls = 0
+        self.op = ""
+        self.glob: str | None = None
+        self.n = 0
+        self.step: int | None = None
+        if self.kind in COUNTED:
+            parts = arg.split(":")
+            if len(parts) not in (2, 3):
+                raise SystemExit(f"faulty_daemon: {self.kind} needs OP:N[:STEP], got {arg!r}")
+            op, _, glob = parts[0].partition("@")
+            if op not in OPS:
+                raise SystemExit(f"faulty_daemon: unknown operation {op!r}; one of {OPS}")
+            self.op, self.glob, self.n = op, glob or None, int(parts[1])
+            self.step = int(parts[2]) if len(parts) == 3 else None
+        self._armed = self.step is None
+
+    # --- the counted faults ----------------------------------------------------------------------
+
+    def _counted(self, op: str, names: tuple[str, ...], fn: Callable[[], T]) -> T:
+        """Run ``fn`` (the real operation), dying or failing around the N-th matching call."""
+        hit = False
+        if self.kind in COUNTED:
+            with self._lock:
+                if (
+                    self._armed
+                    and self.op in (op, "any")
+                    and (self.glob is None or any(fnmatch.fnmatchcase(n, self.glob) for n in names))
+                ):
+                    self._calls += 1
+                    hit = self._calls == self.n
+        if hit and self.kind == "kill-at":
+            _die(f"SIGKILL before {op} {names} (call {self.n})")
+        if hit and self.kind == "eio-at":
+            sys.stderr.write(f"faulty_daemon: EIO from {op} {names} (call {self.n})\n")
+            sys.stderr.flush()
+            raise OSError(errno.EIO, os.strerror(errno.EIO), names[0] if names else None)
+        result = fn()
+        if hit and self.kind == "kill-after":
+            _die(f"SIGKILL after {op} {names} (call {self.n})")
+        return result
+
+    def _name(self, fd: int) -> tuple[str, ...]:
+        path = self._names.get(fd)
+        return (path.name,) if path is not None else ()
+
+    # --- the legacy per-step faults --------------------------------------------------------------
 
     def _hit(self, fd: int) -> bool:
         path = self._names.get(fd)
         return path is not None and path.parent.name.startswith(f"step-{int(self.arg):06d}.")
 
+    # --- Storage ---------------------------------------------------------------------------------
+
+    def mkdir(self, path: Path) -> None:
+        if self.step is not None and path.name.startswith(f"step-{self.step:06d}.ckptd-tmp-"):
+            with self._lock:
+                self._armed = True
+        self._counted("mkdir", (path.name,), lambda: super(FaultyStorage, self).mkdir(path))
+
     def create(self, path: Path) -> int:
-        fd = super().create(path)
+        fd = self._counted("create", (path.name,), lambda: super(FaultyStorage, self).create(path))
         with self._lock:
             self._names[fd] = path
         return fd
@@ -42,17 +119,35 @@ class FaultyStorage(Storage):
         elif self.kind in ("eio-write", "enospc-write") and self._hit(fd):
             code = errno.EIO if self.kind == "eio-write" else errno.ENOSPC
             raise OSError(code, os.strerror(code), str(self._names[fd]))
-        return super().pwrite(fd, data, offset)
+        return self._counted(
+            "pwrite", self._name(fd), lambda: super(FaultyStorage, self).pwrite(fd, data, offset)
+        )
 
     def fsync(self, fd: int) -> None:
         if self.kind == "eio-fsync" and self._hit(fd):
             raise OSError(errno.EIO, os.strerror(errno.EIO), str(self._names[fd]))
-        super().fsync(fd)
+        self._counted("fsync", self._name(fd), lambda: super(FaultyStorage, self).fsync(fd))
 
     def close(self, fd: int) -> None:
+        names = self._name(fd)
         with self._lock:
             self._names.pop(fd, None)
-        super().close(fd)
+        self._counted("close", names, lambda: super(FaultyStorage, self).close(fd))
+
+    def fsync_dir(self, path: Path) -> None:
+        self._counted("fsync_dir", (path.name,), lambda: super(FaultyStorage, self).fsync_dir(path))
+
+    def rename(self, src: Path, dst: Path) -> None:
+        self._counted("rename", (src.name, dst.name), lambda: super(FaultyStorage, self).rename(src, dst))
+
+    def remove_tree(self, path: Path) -> None:
+        self._counted("remove_tree", (path.name,), lambda: super(FaultyStorage, self).remove_tree(path))
+
+
+def _die(what: str) -> None:
+    sys.stderr.write(f"faulty_daemon: {what}\n")
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,327 @@
+"""Run ckptd's crash, fault, hostile-input, power-loss and load tests and write docs/RELIABILITY.md.
+
+    .venv/bin/python tests/reliability.py              # the whole reliability suite, once
+    .venv/bin/python tests/reliability.py --repeat 5   # five times over, to measure flakiness
+    .venv/bin/python tests/reliability.py -- -k power  # extra arguments after -- go to pytest
+
+Each run is ``pytest`` on the reliability test files with a JUnit XML report. Tests record, with
+pytest's ``record_property``, how many runs they made (a power-loss sweep cuts power at every
+storage call: one run per cut), how many snapshots were reported committed and checked, how many
+of those were lost (missing, not verifying, or not loading bit-exact), and how many runs failed.
+The report is one table row per scenario: which tests cover it and what was measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+FILES = [
+    "tests/test_crash.py",
+    "tests/test_power_loss.py",
+    "tests/test_corruption.py",
+    "tests/test_hostile.py",
+    "tests/test_load.py",
+]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    how: str  # how the fault is produced and what is checked
+    tests: str  # regular expression over test node ids (file.py::name[param])
+
+
+SCENARIOS = [
+    Scenario(
+        "Daemon SIGKILLed during a snapshot",
+        "`faulty_daemon.py kill-at/kill-after` kills the daemon at each boundary of step 2 (temp "
+        "mkdir, mid-shard, between shards, before fsync, before index/manifest, before the directory "
+        "fsync, before/after the rename, before/after LATEST, during retention). Nothing partial "
+        "is visible, step 1 loads bit-exact, LATEST and `ckptd.latest` verify, the handle fails "
+        "in < 5 s with `daemon_died`, a restarted daemon sweeps and commits.",
+        r"test_crash\.py::test_daemon_killed_during_commit",
+    ),
+    Scenario(
+        "EIO at commit boundaries",
+        "`faulty_daemon.py eio-at`: EIO from create, index write, manifest fsync, directory fsync, "
+        "rename, and after the rename (run-directory fsync, LATEST). A failed snapshot leaves "
+        "nothing published; a committed one is what readers see.",
+        r"test_crash\.py::test_io_error",
+    ),
+    Scenario(
+        "Trainer SIGKILLed after `snapshot()` returned",
+        "20 trainers forked from one process, each SIGKILLed after a random 0.05-1 s against a "
+        "slow daemon; every snapshot whose return was logged is committed, verifies and loads "
+        "bit-exact.",
+        r"test_crash\.py::test_trainers_killed",
+    ),
+    Scenario(
+        "Power loss at every storage call (all unsynced data lost)",
+        "In-process daemon on a `Storage` that tracks fsynced lengths and unsynced directory "
+        "entries (LevelDB fault-injection style); power is cut before each storage call in turn, "
+        "for sequential and overlapping snapshots; files are truncated to their synced length "
+        "and unsynced creates/renames/removals undone.",
+        r"test_power_loss\.py::test_power_cut_at_every_storage_call",
+    ),
+    Scenario(
+        "Power loss, directories persisted independently",
+        "As above, but each directory keeps or loses its unsynced entry changes on its own "
+        "(random per cut; or only the run directory forgets, during retention).",
+        r"test_power_loss\.py::test_power_cut_(where_each_directory|during_retention)",
+    ),
+    Scenario(
+        "Power loss right after Committed",
+        "Power cut the moment the k-th Committed reaches the client, with the next snapshot in "
+        "flight: every Committed step survives, verifies and loads bit-exact.",
+        r"test_power_loss\.py::test_power_cut_right_after_committed",
+    ),
+    Scenario(
+        "Corrupted newest checkpoint",
+        "Flipped byte, truncated shard, removed shard, tampered index, tampered manifest; also "
+        "broken or missing LATEST, all steps corrupt, fallback disabled. `restore()` falls back "
+        "with a warning, `restore(step=N)` raises `corrupt`, `ckptd verify RUN` reports it.",
+        r"test_corruption\.py::",
+    ),
+    Scenario(
+        "Malformed frames and protocol abuse",
+        "Oversized length prefixes, unknown kinds, messages before hello, wrong version, deep "
+        "JSON, half frames, clients that never read; hypothesis: 100 random byte strings, 100 "
+        "random JSON messages, 100 mutated valid exchanges, each on a fresh connection.",
+        r"test_hostile\.py::test_(oversized|max_length|malformed|messages_before|wrong_protocol"
+        r"|half_frames|client_that_never|fuzz_|raw_snapshot)",
+    ),
+    Scenario(
+        "Bad arenas and descriptors",
+        "RegisterArena without a descriptor, with a regular file, pipe, socket, directory, "
+        "write-only or unsealed memfd, wrong declared size, twice, 12 descriptors at once, "
+        "stray descriptors on other frames, releases of unknown arenas.",
+        r"test_hostile\.py::test_(register_arena|bad_arena|registering|too_many|stray|release"
+        r"|arena_released)",
+    ),
+    Scenario(
+        "Hostile snapshot requests",
+        "Ranges outside the arena, gaps and overlaps, negative or huge shapes, unknown dtypes, "
+        "run names with `..`, `/`, absolute paths, component names with `/`, extra files, "
+        "aliases, steps too long for a file name, duplicate in-flight steps.",
+        r"test_hostile\.py::test_(bad_snapshot|two_components|step_too_long|snapshot_of_a_step)",
+    ),
+    Scenario(
+        "Symlinks planted under the root",
+        "A run directory, step directories and LATEST as symlinks out of the root; symlinked "
+        "leftovers at start-up. Nothing outside the root is written or swept.",
+        r"test_hostile\.py::test_(symlinked|restart_does_not_sweep)",
+    ),
+    Scenario(
+        "Client scribbling on its arena during the write",
+        "A broken client keeps modifying an arena while its snapshot is written: the daemon must "
+        "not report Committed for files that do not match their manifest.",
+        r"test_hostile\.py::test_arena_scribbled",
+    ),
+    Scenario(
+        "Load: 4 trainers x 50 snapshots",
+        "Four processes snapshot to one daemon at once: all commit and verify, comparable "
+        "completion times, daemon RSS within its arenas plus 64 MiB and flat.",
+        r"test_load\.py::test_four_trainers",
+    ),
+    Scenario(
+        "Leaks over 100 cycles",
+        "Client RSS, descriptors and memfd mappings, daemon RSS and descriptors flat over 100 "
+        "snapshot cycles after warm-up.",
+        r"test_load\.py::test_hundred_cycles",
+    ),
+]
+
+
+@dataclass
+class Result:
+    nodeid: str
+    outcome: str  # passed, failed, error, skipped
+    seconds: float
+    properties: dict[str, str] = field(default_factory=dict)
+    message: str = ""
+
+    def number(self, key: str, default: int) -> int:
+        try:
+            return int(self.properties[key])
+        except (KeyError, ValueError):
+            return default
+
+
+def run_pytest(extra: Sequence[str], xml: Path) -> int:
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        *FILES,
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "junit_family=xunit1",
+        f"--junitxml={xml}",
+        *extra,
+    ]
+    print("+", " ".join(cmd), flush=True)
+    return subprocess.call(cmd, cwd=REPO)
+
+
+def parse(xml: Path) -> list[Result]:
+    results = []
+    for case in ET.parse(xml).iter("testcase"):
+        module = case.get("classname", "").replace(".", "/")
+        nodeid = f"{module}.py::{case.get('name', '')}"
+        outcome, message = "passed", ""
+        for tag, name in (("failure", "failed"), ("error", "error"), ("skipped", "skipped")):
+            el = case.find(tag)
+            if el is not None:
+                outcome = name
+                text = (el.get("message") or el.text or "").strip()
+                message = text.splitlines()[0][:300] if text else ""
+                break
+        props = {p.get("name", ""): p.get("value", "") for p in case.iter("property")}
+        results.append(Result(nodeid, outcome, float(case.get("time", "0")), props, message))
+    return results
+
+
+@dataclass
+class Row:
+    scenario: Scenario
+    tests: set[str] = field(default_factory=set)
+    executions: int = 0
+    runs: int = 0
+    failures: int = 0
+    committed: int = 0
+    lost: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    failing: list[Result] = field(default_factory=list)
+
+
+def aggregate(results: list[Result]) -> tuple[list[Row], list[Result]]:
+    rows = [Row(s) for s in SCENARIOS]
+    unmatched = []
+    for r in results:
+        row = next((row for row in rows if re.search(row.scenario.tests, r.nodeid)), None)
+        if row is None:
+            unmatched.append(r)
+            continue
+        row.tests.add(re.sub(r"\[.*\]$", "", r.nodeid.split("::", 1)[1]))
+        row.seconds += r.seconds
+        if r.outcome == "skipped":
+            row.skipped += 1
+            continue
+        row.executions += 1
+        row.runs += r.number("runs", 1)
+        row.committed += r.number("committed", 0)
+        row.lost += r.number("lost", 0)
+        failures = r.number("failures", 0)
+        if r.outcome in ("failed", "error"):
+            failures = max(failures, 1)
+            row.failing.append(r)
+        row.failures += failures
+    return rows, unmatched
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True).strip()
+        dirty = subprocess.call(["git", "diff", "--quiet", "HEAD", "--", "ckptd", "client"], cwd=REPO)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + (" (ckptd/ or client/ modified)" if dirty else "")
+
+
+def render(rows: list[Row], results: list[Result], repeat: int, seconds: float, extra: Sequence[str]) -> str:
+    total_runs = sum(r.runs for r in rows)
+    total_fail = sum(r.failures for r in rows)
+    total_committed = sum(r.committed for r in rows)
+    total_lost = sum(r.lost for r in rows)
+    lines = [
+        "# ckptd reliability report",
+        "",
+        "Generated by `python tests/reliability.py` (do not edit by hand; rerun it). It runs the crash,",
+        "fault-injection, power-loss, corruption, hostile-input and load tests against real daemons",
+        "and real files, and counts what they measured.",
+        "",
+        f"- When: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}, revision {git_revision()}",
+        f"- Machine: {platform.system()} {platform.release()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}",
+        f"- Suite: {', '.join(f'`{f}`' for f in FILES)}"
+        + (f", pytest arguments `{' '.join(extra)}`" if extra else ""),
+        f"- Repeats: {repeat}; test executions: {len(results)}; wall time {seconds:.0f} s",
+        f"- Totals: {total_runs} runs, {total_fail} failed, {total_committed} committed snapshots "
+        f"checked, **{total_lost} lost**",
+        "",
+        "A *run* is one fault scenario played out (one kill point, one power cut, one fuzz case",
+        "counts once per test). *Committed checked* counts snapshots reported committed (or whose",
+        "`snapshot()` had returned, for killed trainers) that were then checked on disk; *lost* are",
+        "those missing, not verifying (`ckptd.verify`), or not loading bit-exact. *Failed* counts",
+        "failing runs (a sweep reports how many of its cuts failed) or failing tests.",
+        "",
+        "| Scenario | How it is tested | Tests | Runs | Failed | Committed checked | Lost | Time |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        tests = "<br>".join(f"`{t}`" for t in sorted(row.tests)) or "(none ran)"
+        committed = str(row.committed) if row.committed else "—"
+        status = f"**{row.failures}**" if row.failures else "0"
+        lines.append(
+            f"| {row.scenario.name} | {row.scenario.how} | {tests} | {row.runs} | {status} | "
+            f"{committed} | {row.lost} | {row.seconds:.0f} s |"
+        )
+    failing: dict[str, list[Result]] = {}
+    for r in (r for row in rows for r in row.failing):
+        failing.setdefault(r.nodeid, []).append(r)
+    executions = {nodeid: sum(r.nodeid == nodeid for r in results) for nodeid in failing}
+    lines += ["", "## Failures", ""]
+    if not failing:
+        lines.append("None.")
+    for nodeid, bad in failing.items():
+        lines.append(f"- `{nodeid}` (failed {len(bad)} of {executions[nodeid]}): {bad[0].message}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="run the suite this many times")
+    parser.add_argument("--output", type=Path, default=REPO / "docs" / "RELIABILITY.md")
+    parser.add_argument("pytest_args", nargs="*", help="after --: extra pytest arguments")
+    args = parser.parse_args(argv)
+    results: list[Result] = []
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="ckptd-rel-") as tmp:
+        for i in range(args.repeat):
+            xml = Path(tmp) / f"run-{i}.xml"
+            run_pytest(args.pytest_args, xml)
+            if not xml.exists():
+                print(f"pytest wrote no report ({xml}); see its output above", file=sys.stderr)
+                return 2
+            results += parse(xml)
+    rows, unmatched = aggregate(results)
+    for r in unmatched:
+        print(f"warning: {r.nodeid} matches no scenario; add it to SCENARIOS", file=sys.stderr)
+    text = render(rows, results, args.repeat, time.monotonic() - started, args.pytest_args)
+    args.output.write_text(text)
+    print(f"wrote {args.output}")
+    failed = sum(r.failures for r in rows) + sum(r.outcome in ("failed", "error") for r in unmatched)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
