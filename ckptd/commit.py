@@ -28,8 +28,6 @@ log = logging.getLogger(__name__)
 # Hash and write in chunks small enough to stay in cache between the two, and to hold the GIL
 # (xxhash keeps it) only briefly at a time.
 _CHUNK_BYTES = 4 * 2**20
-#: Bytes a shard writer may have in flight to the device before it waits for older ones.
-_WRITEBACK_LAG_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -96,11 +94,6 @@ def write_shard(storage: Storage, path: Path, header: bytes, data: memoryview) -
             chunk = buf[:n]
             h.update(chunk)
             offset = storage.write_all(fd, chunk, offset)
-            # Write-behind: the device works on this chunk while the next one is copied, and
-            # the writer waits for the range a few chunks back, so fsync finds little left.
-            storage.start_writeback(fd, offset - n, n)
-            if offset > _WRITEBACK_LAG_BYTES:
-                storage.wait_writeback(fd, 0, offset - _WRITEBACK_LAG_BYTES)
         storage.fsync(fd)
     finally:
         storage.close(fd)

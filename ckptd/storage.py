@@ -7,17 +7,9 @@ fsynced. Methods are called from the daemon's writer threads and must be thread-
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 from pathlib import Path
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_sync_file_range = getattr(_libc, "sync_file_range", None)
-if _sync_file_range is not None:
-    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    _sync_file_range.restype = ctypes.c_int
-_WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
 
 
 class Storage:
@@ -35,18 +27,6 @@ class Storage:
 
     def fsync(self, fd: int) -> None:
         os.fsync(fd)
-
-    def start_writeback(self, fd: int, offset: int, nbytes: int) -> None:
-        """Hint: start writing this range to the device now (``sync_file_range``), so writing
-        overlaps filling the page cache. No durability promise (fsync still follows); errors are
-        left for that fsync to report."""
-        if _sync_file_range is not None:
-            _sync_file_range(fd, offset, nbytes, _WRITE)
-
-    def wait_writeback(self, fd: int, offset: int, nbytes: int) -> None:
-        """Hint: wait until this range has been written, bounding dirty pages per writer."""
-        if _sync_file_range is not None:
-            _sync_file_range(fd, offset, nbytes, _WAIT_BEFORE | _WRITE | _WAIT_AFTER)
 
     def close(self, fd: int) -> None:
         os.close(fd)
