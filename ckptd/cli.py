@@ -32,6 +32,12 @@ def main(argv: list[str] | None = None, storage: Storage | None = None) -> int:
     )
     serve.add_argument("--keep-last", type=int, default=0, help="committed steps kept per run (0: all)")
     serve.add_argument("--workers", type=int, default=4, help="shard writer threads (default 4)")
+    serve.add_argument(
+        "--no-direct-io",
+        dest="direct_io",
+        action="store_false",
+        help="write shards through the page cache instead of with O_DIRECT",
+    )
     serve.add_argument("--budget", default="4GiB", help="bytes of snapshots written at once (default 4GiB)")
     serve.add_argument("--drain-timeout", type=float, default=600.0, help="seconds to drain on SIGTERM")
     serve.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
@@ -72,6 +78,7 @@ def _serve(args: argparse.Namespace, storage: Storage | None) -> int:
             socket_path=socket_path.absolute(),
             max_shard_size=parse_size(args.max_shard_size),
             workers=args.workers,
+            direct_io=args.direct_io,
             keep_last=args.keep_last,
             budget_bytes=parse_size(args.budget),
             drain_timeout_s=args.drain_timeout,

@@ -7,9 +7,15 @@ fsynced. Methods are called from the daemon's writer threads and must be thread-
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import shutil
 from pathlib import Path
+
+# O_DIRECT transfers must start at, and be a multiple of, the device's logical block size; 4096
+# covers both 512-byte and 4K-native devices.
+DIRECT_ALIGN = 4096
 
 
 class Storage:
@@ -21,6 +27,22 @@ class Storage:
     def create(self, path: Path) -> int:
         """Open a new file for writing; it must not exist."""
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+
+    def set_direct(self, fd: int, on: bool) -> bool:
+        """Turn ``O_DIRECT`` on or off for an open file: writes then go from the caller's
+        (aligned) buffer to the device without the page cache. False when the filesystem does not
+        support it (tmpfs, some FUSE and network filesystems), in which case nothing changed."""
+        flag = getattr(os, "O_DIRECT", 0)
+        if not flag:
+            return False
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, (flags | flag) if on else (flags & ~flag))
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                return False
+            raise
+        return True
 
     def pwrite(self, fd: int, data: memoryview | bytes, offset: int) -> int:
         return os.pwrite(fd, data, offset)

@@ -37,6 +37,7 @@ class PipelineOptions:
 
     root: Path
     workers: int = 4  # shard writer threads
+    direct_io: bool = True  # write shards with O_DIRECT where the filesystem allows it
     budget_bytes: int = 4 * 2**30  # bytes of snapshots being written at once
     keep_last: int = 0  # committed steps kept per run; 0 keeps all
 
@@ -239,7 +240,7 @@ class Pipeline:
     def _write_one(self, job: Job, path: Path, header: bytes, data: memoryview) -> FileRecord:
         nbytes = len(data)
         with data:
-            record = commit.write_shard(self.storage, path, header, data)
+            record = commit.write_shard(self.storage, path, header, data, direct=self.options.direct_io)
         job.bytes_written += nbytes
         return record
 

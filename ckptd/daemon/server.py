@@ -44,6 +44,7 @@ class DaemonOptions:
     socket_path: Path
     max_shard_size: int = 5 * 10**9
     workers: int = 4
+    direct_io: bool = True
     keep_last: int = 0
     budget_bytes: int = 4 * 2**30
     drain_timeout_s: float = 600.0
@@ -65,6 +66,7 @@ class Daemon:
             PipelineOptions(
                 root=options.root,
                 workers=options.workers,
+                direct_io=options.direct_io,
                 budget_bytes=options.budget_bytes,
                 keep_last=options.keep_last,
             ),

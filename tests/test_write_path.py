@@ -1,0 +1,113 @@
+"""The daemon's shard write path: O_DIRECT where the filesystem takes it, the page cache where it
+does not, and the same bytes and checksum either way."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+import pytest
+
+from ckptd import checksum, commit
+from ckptd.storage import DIRECT_ALIGN, Storage
+
+CHUNK = commit._CHUNK_BYTES
+
+
+class RecordingStorage(Storage):
+    """The real storage, noting for each write whether it went with O_DIRECT."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[int, int, bool]] = []  # (offset, length, direct)
+
+    def pwrite(self, fd: int, data: memoryview | bytes, offset: int) -> int:
+        direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+        self.writes.append((offset, len(data), direct))
+        return super().pwrite(fd, data, offset)
+
+
+class NoDirectStorage(RecordingStorage):
+    """A filesystem that refuses the O_DIRECT flag (tmpfs on older kernels, some FUSE mounts)."""
+
+    def set_direct(self, fd: int, on: bool) -> bool:
+        return False
+
+
+class RefusesDirectTransfers(RecordingStorage):
+    """A filesystem that accepts the flag but fails every direct transfer with EINVAL."""
+
+    def pwrite(self, fd: int, data: memoryview | bytes, offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return super().pwrite(fd, data, offset)
+
+
+def _supports_direct(directory: Path) -> bool:
+    try:
+        fd = os.open(directory / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(directory / "probe")
+    return True
+
+
+def _payload() -> tuple[bytes, memoryview]:
+    header = b"H" * (2 * DIRECT_ALIGN)  # headers are padded to a multiple of 4096
+    # Two whole chunks, some aligned blocks and an unaligned tail: every branch of the writer.
+    data = os.urandom(2 * CHUNK - len(header) + 3 * DIRECT_ALIGN + 123)
+    return header, memoryview(data)
+
+
+def _check_file(path: Path, header: bytes, data: memoryview, record: commit.FileRecord) -> None:
+    assert path.read_bytes() == header + bytes(data)
+    assert record.bytes == len(header) + len(data) == path.stat().st_size
+    assert record.xxh3_128 == checksum.of_file(path)[0]
+
+
+def test_direct_writes_every_whole_block_without_the_page_cache(tmp_path: Path) -> None:
+    if not _supports_direct(tmp_path):
+        pytest.skip(f"{tmp_path} does not support O_DIRECT")
+    header, data = _payload()
+    storage = RecordingStorage()
+    record = commit.write_shard(storage, tmp_path / "s.safetensors", header, data)
+    _check_file(tmp_path / "s.safetensors", header, data, record)
+    *body, tail = storage.writes
+    assert body
+    assert all(direct and off % DIRECT_ALIGN == 0 and n % DIRECT_ALIGN == 0 for off, n, direct in body)
+    assert tail == (len(header) + len(data) - 123, 123, False), "only the unaligned tail is buffered"
+
+
+def test_buffered_when_the_filesystem_refuses_the_flag(tmp_path: Path) -> None:
+    header, data = _payload()
+    storage = NoDirectStorage()
+    record = commit.write_shard(storage, tmp_path / "s.safetensors", header, data)
+    _check_file(tmp_path / "s.safetensors", header, data, record)
+    assert not any(direct for _, _, direct in storage.writes)
+
+
+def test_buffered_when_the_filesystem_refuses_direct_transfers(tmp_path: Path) -> None:
+    if not _supports_direct(tmp_path):
+        pytest.skip(f"{tmp_path} does not support O_DIRECT")
+    header, data = _payload()
+    storage = RefusesDirectTransfers()
+    record = commit.write_shard(storage, tmp_path / "s.safetensors", header, data)
+    _check_file(tmp_path / "s.safetensors", header, data, record)
+
+
+def test_no_direct_io_option_writes_through_the_page_cache(tmp_path: Path) -> None:
+    header, data = _payload()
+    storage = RecordingStorage()
+    record = commit.write_shard(storage, tmp_path / "s.safetensors", header, data, direct=False)
+    _check_file(tmp_path / "s.safetensors", header, data, record)
+    assert not any(direct for _, _, direct in storage.writes)
+
+
+@pytest.mark.parametrize("size", [0, 1, DIRECT_ALIGN - 1, DIRECT_ALIGN, CHUNK - DIRECT_ALIGN, CHUNK])
+def test_small_and_boundary_sizes(tmp_path: Path, size: int) -> None:
+    header = b"h" * DIRECT_ALIGN
+    data = memoryview(os.urandom(size))
+    record = commit.write_shard(Storage(), tmp_path / "s.safetensors", header, data)
+    _check_file(tmp_path / "s.safetensors", header, data, record)
