@@ -5,9 +5,15 @@ message is a frozen pydantic model with a ``kind`` tag, validated strictly (``ex
 Tensor bytes never travel here: they sit in memfd arenas whose descriptors are passed once, with
 the ``RegisterArena`` frame, as SCM_RIGHTS ancillary data. Nothing is pickled.
 
-Client → daemon: Hello, RegisterArena (+ fd), Snapshot, ReleaseArena, StatusRequest.
+Client → daemon: Hello, RegisterArena (+ fd), RegisterLayout, Snapshot, ReleaseArena, StatusRequest.
 Daemon → client: Welcome, Accepted, Progress, Committed, Failed, StatusReply.
 A snapshot's slot in its arena is free again once its Committed or Failed arrives.
+
+The layout of a snapshot (components, shards, tensor names, dtypes, shapes, offsets) is the same
+from one snapshot to the next while the model does not change, and with 20,000 tensors it is most
+of a request. A client registers it once per connection (``RegisterLayout``) and its snapshots
+name it (``Snapshot.layout``); the daemon validates it and encodes its shard headers and index
+files once. A ``Snapshot`` may instead carry its ``components`` inline.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 #: Largest frame either side accepts; a 20,000-tensor snapshot request is a few MB.
 MAX_FRAME_BYTES = 64 * 2**20
 _LEN = struct.Struct(">I")
@@ -71,13 +77,22 @@ class ComponentEntry(Message):
     aliases: dict[str, str] = {}  # tied name -> stored name
 
 
+class RegisterLayout(Message):
+    """A layout that later snapshots on this connection refer to by ``layout``."""
+
+    kind: Literal["register_layout"] = "register_layout"
+    layout: int
+    components: list[ComponentEntry]
+
+
 class Snapshot(Message):
     kind: Literal["snapshot"] = "snapshot"
     id: int
     run: str
     step: int
     arena: int
-    components: list[ComponentEntry]
+    layout: int | None = None  # a registered layout; or None and ``components`` inline
+    components: list[ComponentEntry] = []
     tree: JsonValue
     files: dict[str, str] = {}  # small text files, e.g. config.json
     rank: int = 0
@@ -89,7 +104,8 @@ class StatusRequest(Message):
 
 
 ClientMessage = Annotated[
-    Hello | RegisterArena | ReleaseArena | Snapshot | StatusRequest, Field(discriminator="kind")
+    Hello | RegisterArena | RegisterLayout | ReleaseArena | Snapshot | StatusRequest,
+    Field(discriminator="kind"),
 ]
 
 # --- daemon → client ---------------------------------------------------------------------------
@@ -180,25 +196,43 @@ def encode(message: Message) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
+def encode_register_layout(layout: int, components_json: bytes) -> bytes:
+    """A ``RegisterLayout`` frame around pre-serialized components (cached per layout by the
+    client). The daemon validates it like any other frame."""
+    head = json.dumps({"kind": "register_layout", "layout": layout})
+    return _frame(b"".join((head[:-1].encode(), b',"components":', components_json, b"}")), "layout")
+
+
 def encode_snapshot(  # noqa: PLR0917 - the fields of one frame
     snapshot_id: int,
     run: str,
     step: int,
     arena: int,
-    components_json: bytes,
+    layout: int,
     tree: JsonValue,
     files: dict[str, str],
 ) -> bytes:
-    """A ``Snapshot`` frame built around pre-serialized components (cached per layout by the
-    client), so a snapshot of 20,000 tensors does not re-serialize them every time. The daemon
-    validates it like any other frame."""
-    head = json.dumps({"kind": "snapshot", "id": snapshot_id, "run": run, "step": step, "arena": arena})
-    tail = json.dumps({"tree": tree, "files": files, "rank": 0, "world_size": 1}, allow_nan=False)
-    body = b"".join((head[:-1].encode(), b',"components":', components_json, b",", tail[1:].encode()))
+    """A ``Snapshot`` frame naming a registered layout."""
+    body = json.dumps(
+        {
+            "kind": "snapshot",
+            "id": snapshot_id,
+            "run": run,
+            "step": step,
+            "arena": arena,
+            "layout": layout,
+            "tree": tree,
+            "files": files,
+        },
+        allow_nan=False,
+        separators=(",", ":"),
+    ).encode()
+    return _frame(body, "snapshot request")
+
+
+def _frame(body: bytes, what: str) -> bytes:
     if len(body) > MAX_FRAME_BYTES:
-        raise ProtocolError(
-            f"snapshot request of {len(body)} bytes exceeds the {MAX_FRAME_BYTES}-byte frame limit"
-        )
+        raise ProtocolError(f"{what} of {len(body)} bytes exceeds the {MAX_FRAME_BYTES}-byte frame limit")
     return _LEN.pack(len(body)) + body
 
 

@@ -30,6 +30,7 @@ from ckptd.protocol import (
     ReleaseArena,
     StatusReply,
     StatusRequest,
+    encode_register_layout,
     encode_snapshot,
 )
 from ckptd.sizes import parse_size
@@ -70,7 +71,7 @@ class _Request:
 
     def frame(self, snapshot_id: int) -> bytes:
         return encode_snapshot(
-            snapshot_id, self.run, self.step, self.arena.id, self.plan.components_json, self.tree, self.files
+            snapshot_id, self.run, self.step, self.arena.id, self.plan.layout_id, self.tree, self.files
         )
 
 
@@ -98,7 +99,8 @@ class Client:
         self._lock = threading.Condition()  # guards _pending, _orphans, _handles
         self._snapshot_lock = threading.RLock()  # one snapshot() / resubmit() / close() at a time
         self._slots = SlotPool(options.slots, self._release_remote)
-        self._registered: set[int] = set()
+        self._registered: set[int] = set()  # arenas the current connection has
+        self._layouts: set[int] = set()  # layouts the current connection has
         self._pending: dict[int, _InFlight] = {}
         self._orphans: list[_InFlight] = []  # in flight when the connection was lost
         self._handles: list[SnapshotHandle] = []
@@ -155,6 +157,7 @@ class Client:
         welcome = channel.welcome
         self.root = Path(welcome.root)
         self._registered.clear()
+        self._layouts.clear()
         self._channel = channel
         # A different daemon instance means the one that could still read quarantined slots is gone.
         self._slots.release_quarantined(lambda q: q.instance != welcome.instance)
@@ -208,7 +211,7 @@ class Client:
                 return handle
             request = _Request(run, step, arena, plan, flat.tree, flat.files)
             try:
-                self._register(channel, arena)
+                self._register(channel, arena, plan)
                 self._stage(handle, request, flat, channel, started)
             except BaseException:
                 with self._lock:
@@ -265,10 +268,18 @@ class Client:
         except CheckpointError as e:
             self._lose([entry], str(e))
 
-    def _register(self, channel: Channel, arena: Arena) -> None:
+    def _register(self, channel: Channel, arena: Arena, plan: Plan) -> None:
+        """Tell the connection about the arena and the layout a snapshot uses, once each."""
         if arena.id not in self._registered:
             channel.send(RegisterArena(arena=arena.id, size=arena.size), fds=(arena.fd,))
             self._registered.add(arena.id)
+        if plan.layout_id not in self._layouts:
+            try:
+                frame = encode_register_layout(plan.layout_id, plan.components_json)
+            except ProtocolError as e:
+                raise CheckpointError(f"snapshot layout too large: {e}", code="too_large") from e
+            channel.send_bytes(frame)
+            self._layouts.add(plan.layout_id)
 
     def _release_remote(self, arena: Arena) -> None:
         if arena.id in self._registered and self._channel is not None and not self._channel.closed:
@@ -405,7 +416,7 @@ class Client:
                     self._pending[handle.id] = entry
                     self._handles.append(handle)
                 try:
-                    self._register(channel, old.request.arena)
+                    self._register(channel, old.request.arena, old.request.plan)
                 except BaseException:
                     self._finish(handle.id)
                     raise

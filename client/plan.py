@@ -1,12 +1,13 @@
 """The per-signature work of a snapshot, done once and cached: layout, request parts, views.
 
 While the tree's signature (component and tensor names, dtypes, shapes, aliases, shard size) is
-unchanged, a snapshot reuses the layout, the serialized component entries of its request and,
-per arena, the tensor views it copies into.
+unchanged, a snapshot reuses the layout (registered once per connection with the daemon, which
+prepares its headers and index once) and, per arena, the tensor views it copies into.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -21,11 +22,15 @@ from client.tree import Flat
 _entries_json: TypeAdapter[list[ComponentEntry]] = TypeAdapter(list[ComponentEntry])
 
 
+_layout_ids = itertools.count(1)
+
+
 @dataclass(frozen=True)
 class Plan:
     layout: layout_mod.Layout
-    components_json: bytes  # the request's "components", serialized once
+    components_json: bytes  # the layout's "components", serialized once
     order: tuple[tuple[int, int], ...]  # (component, tensor) index of each placement, layout order
+    layout_id: int  # unique in this process: the id it is registered under with a daemon
 
 
 def signature(flat: Flat, max_shard_size: int) -> tuple[object, ...]:
@@ -78,7 +83,7 @@ def make_plan(flat: Flat, max_shard_size: int) -> Plan:
         )
         for ci, comp in enumerate(lay.components)
     ]
-    return Plan(lay, _entries_json.dump_json(entries), order)
+    return Plan(lay, _entries_json.dump_json(entries), order, next(_layout_ids))
 
 
 def copy_pairs(arena: Arena, plan: Plan, flat: Flat) -> list[tuple[torch.Tensor, torch.Tensor]]:

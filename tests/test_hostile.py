@@ -49,6 +49,7 @@ from ckptd.protocol import (
     Hello,
     Message,
     RegisterArena,
+    RegisterLayout,
     ReleaseArena,
     ShardEntry,
     Snapshot,
@@ -600,16 +601,58 @@ BAD_SNAPSHOTS: dict[str, Snapshot] = {
 }
 
 
+LAYOUT_IDS = itertools.count(100)
+
+
+def via_layout(raw: Raw, req: Snapshot) -> Snapshot:
+    """Register ``req``'s components as a layout, as the client does; the same request naming it."""
+    layout = next(LAYOUT_IDS)
+    raw.msg(RegisterLayout(layout=layout, components=req.components))
+    return req.model_copy(update={"layout": layout, "components": []})
+
+
+@pytest.mark.parametrize("via", ["inline", "layout"])
 @pytest.mark.parametrize("case", list(BAD_SNAPSHOTS), ids=list(BAD_SNAPSHOTS))
-def test_bad_snapshot_is_refused_and_the_connection_goes_on(hostile: Hostile, case: str) -> None:
+def test_bad_snapshot_is_refused_and_the_connection_goes_on(hostile: Hostile, case: str, via: str) -> None:
     raw = registered(hostile.d)
     before = {p.name for p in hostile.d.root.iterdir()}
-    failed_snapshot(raw, BAD_SNAPSHOTS[case])
+    req = BAD_SNAPSHOTS[case]
+    failed_snapshot(raw, via_layout(raw, req) if via == "layout" else req)
     assert {p.name for p in hostile.d.root.iterdir()} == before, "nothing is written for a refused request"
     # The same connection still commits a good snapshot.
     raw.msg(snapshot(id=2, run="after"))
     m = raw.until(lambda m: isinstance(m, Committed | Failed))
     assert isinstance(m, Committed), m
+    raw.close()
+
+
+def test_layouts_are_per_connection_and_named_clearly(hostile: Hostile) -> None:
+    raw = registered(hostile.d)
+    m = failed_snapshot(raw, snapshot().model_copy(update={"layout": 999, "components": []}))
+    assert "layout 999 is not registered" in m.message
+    good = snapshot()
+    both = via_layout(raw, good).model_copy(update={"components": good.components})
+    assert "not both" in failed_snapshot(raw, both).message
+    req = via_layout(raw, snapshot(id=7, run="laid-out"))
+    raw.msg(req)
+    assert isinstance(raw.until(lambda m: isinstance(m, Committed | Failed)), Committed)
+    other = registered(hostile.d)  # another connection does not see this one's layouts
+    m = failed_snapshot(other, snapshot().model_copy(update={"layout": req.layout, "components": []}))
+    assert f"layout {req.layout} is not registered" in m.message
+    raw.close()
+    other.close()
+
+
+def test_oldest_layouts_are_forgotten_beyond_the_limit(hostile: Hostile) -> None:
+    from ckptd.daemon.layouts import MAX_LAYOUTS
+
+    raw = registered(hostile.d)
+    first = via_layout(raw, snapshot(run="limit"))
+    for _ in range(MAX_LAYOUTS):
+        last = via_layout(raw, snapshot(run="limit"))
+    assert "is not registered" in failed_snapshot(raw, first).message
+    raw.msg(last)
+    assert isinstance(raw.until(lambda m: isinstance(m, Committed | Failed)), Committed)
     raw.close()
 
 

@@ -16,6 +16,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from ckptd.daemon.arenas import Arena, ArenaError
+from ckptd.daemon.layouts import MAX_LAYOUTS, PreparedLayout, prepare
 from ckptd.daemon.pipeline import Job
 from ckptd.daemon.validate import InvalidRequest, check_snapshot
 from ckptd.protocol import (
@@ -27,6 +28,7 @@ from ckptd.protocol import (
     Message,
     ProtocolError,
     RegisterArena,
+    RegisterLayout,
     ReleaseArena,
     Snapshot,
     StatusRequest,
@@ -57,6 +59,8 @@ class Connection:
         self._frames = FrameReader()
         self._fds: deque[int] = deque()
         self.arenas: dict[int, Arena] = {}
+        # A layout that failed its checks is kept as the error its snapshots get.
+        self.layouts: dict[int, PreparedLayout | InvalidRequest] = {}
         self._out: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._queued = 0
         self._hello = False
@@ -119,7 +123,9 @@ class Connection:
         if self._fds and not self._frames.pending_bytes:  # a descriptor that came with another frame
             self._refuse("bad_frame", "a descriptor arrived without a register_arena frame")
 
-    def _dispatch(self, msg: Hello | RegisterArena | ReleaseArena | Snapshot | StatusRequest) -> None:
+    def _dispatch(
+        self, msg: Hello | RegisterArena | RegisterLayout | ReleaseArena | Snapshot | StatusRequest
+    ) -> None:
         if not self._hello and not isinstance(msg, Hello):
             self._refuse("bad_frame", f"first message must be hello, got {msg.kind}")
             return
@@ -128,6 +134,8 @@ class Connection:
                 self._on_hello(msg)
             case RegisterArena():
                 self._on_register(msg)
+            case RegisterLayout():
+                self._on_layout(msg)
             case ReleaseArena():
                 arena = self.arenas.pop(msg.arena, None)
                 if arena is not None:
@@ -163,6 +171,27 @@ class Connection:
             os.close(fd)
             self._refuse("bad_arena", str(e))
 
+    def _on_layout(self, msg: RegisterLayout) -> None:
+        self.layouts.pop(msg.layout, None)
+        while len(self.layouts) >= MAX_LAYOUTS:
+            del self.layouts[next(iter(self.layouts))]
+        try:
+            self.layouts[msg.layout] = prepare(msg.components)
+        except InvalidRequest as e:
+            self.layouts[msg.layout] = InvalidRequest(f"layout {msg.layout}: {e}")
+
+    def _layout_of(self, msg: Snapshot) -> PreparedLayout:
+        if msg.layout is None:
+            return prepare(msg.components)
+        if msg.components:
+            raise InvalidRequest("a snapshot names a registered layout or carries components, not both")
+        layout = self.layouts.get(msg.layout)
+        if layout is None:
+            raise InvalidRequest(f"layout {msg.layout} is not registered on this connection")
+        if isinstance(layout, InvalidRequest):
+            raise layout
+        return layout
+
     def _on_snapshot(self, msg: Snapshot) -> None:
         arena = self.arenas.get(msg.arena)
         if self.daemon.stopping:
@@ -173,14 +202,17 @@ class Connection:
         try:
             if arena is None:
                 raise InvalidRequest(f"arena {msg.arena} is not registered on this connection")
-            nbytes = check_snapshot(msg, arena.size)
+            layout = self._layout_of(msg)
+            check_snapshot(msg, layout.components, arena.size)
             if self.daemon.pipeline.busy(msg.run, msg.step):
                 raise InvalidRequest(f"step {msg.step} of run {msg.run!r} is already being written")
         except InvalidRequest as e:
             self.send(Failed(id=msg.id, code="invalid_request", message=str(e)))
             return
         self.send(Accepted(id=msg.id))
-        self.daemon.pipeline.submit(Job(request=msg, arena=arena, reply=self.send, nbytes=nbytes))
+        self.daemon.pipeline.submit(
+            Job(request=msg, layout=layout, arena=arena, reply=self.send, nbytes=layout.nbytes)
+        )
 
     def _refuse(self, code: str, message: str) -> None:
         log.warning("client pid %s: %s: %s; disconnecting", self.peer_pid, code, message)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,11 +20,11 @@ from pathlib import Path
 
 from ckptd import __version__, commit
 from ckptd.daemon.arenas import Arena
+from ckptd.daemon.layouts import PreparedLayout
 from ckptd.daemon.metrics import Metrics
 from ckptd.layout import index_filename, shard_filename
 from ckptd.manifest import ComponentRecord, FileRecord, Manifest
 from ckptd.protocol import Committed, Failed, JobStatus, Message, Progress, Snapshot
-from ckptd.shardfile import HeaderEntry, encode_header
 from ckptd.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -45,6 +44,7 @@ class PipelineOptions:
 @dataclass
 class Job:
     request: Snapshot
+    layout: PreparedLayout
     arena: Arena
     reply: Callable[[Message], None]
     nbytes: int
@@ -208,12 +208,9 @@ class Pipeline:
     async def _write_shards(self, job: Job, staged: commit.StagedCheckpoint) -> list[ComponentRecord]:
         loop = asyncio.get_running_loop()
         futures = []
-        for c in job.request.components:
+        for c, headers in zip(job.layout.components, job.layout.headers, strict=True):
             n = len(c.shards)
-            for i, shard in enumerate(c.shards):
-                header = encode_header(
-                    HeaderEntry(t.name, t.dtype, tuple(t.shape), t.start, t.end) for t in shard.tensors
-                )
+            for i, (shard, header) in enumerate(zip(c.shards, headers, strict=True)):
                 data = job.arena.view(shard.offset, shard.nbytes)
                 path = staged.temp_dir / shard_filename(c.name, i, n)
                 futures.append(loop.run_in_executor(self._pool, self._write_one, job, path, header, data))
@@ -223,7 +220,7 @@ class Pipeline:
                 raise r
         records = iter(r for r in results if isinstance(r, FileRecord))
         out = []
-        for c in job.request.components:
+        for c in job.layout.components:
             shards = [next(records) for _ in c.shards]
             out.append(
                 ComponentRecord(
@@ -248,14 +245,10 @@ class Pipeline:
         self, job: Job, staged: commit.StagedCheckpoint, components: list[ComponentRecord]
     ) -> Manifest:
         req, st = job.request, self.storage
-        files = []
-        for c, entry in zip(components, req.components, strict=True):
-            weight_map = {
-                t.name: shard.file for shard, s in zip(c.shards, entry.shards, strict=True) for t in s.tensors
-            }
-            index = {"metadata": {"total_size": c.total_size}, "weight_map": weight_map}
-            text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-            files.append(commit.write_file(st, staged.temp_dir / c.index, text.encode()))
+        files = [
+            commit.write_file(st, staged.temp_dir / c.index, index)
+            for c, index in zip(components, job.layout.indexes, strict=True)
+        ]
         for name, text in sorted(req.files.items()):
             files.append(commit.write_file(st, staged.temp_dir / name, text.encode()))
         job.timings["write_s"] = round(time.monotonic() - job.started, 6)

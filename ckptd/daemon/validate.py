@@ -6,6 +6,8 @@ file that is not valid safetensors. Every check here says what was wrong.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ckptd.dtypes import ITEMSIZE, numel
 from ckptd.paths import InvalidName, check_name
 from ckptd.protocol import ComponentEntry, Snapshot
@@ -20,42 +22,51 @@ class InvalidRequest(ValueError):
     """A snapshot request that the daemon refuses; nothing was written."""
 
 
-def check_snapshot(req: Snapshot, arena_size: int) -> int:
-    """Validate ``req`` against an arena of ``arena_size`` bytes; returns the bytes to write."""
+def check_components(components: Sequence[ComponentEntry]) -> int:
+    """Validate a layout on its own (names, dtypes, shapes, offsets, aliases); returns its bytes."""
+    try:
+        for c in components:
+            check_name("component", c.name)
+    except InvalidName as e:
+        raise InvalidRequest(str(e)) from e
+    names = [c.name for c in components]
+    if len(set(names)) != len(names) or _RESERVED_COMPONENTS & set(names):
+        raise InvalidRequest(f"component names must be unique and not 'ckptd': {names}")
+    return sum(_check_component(c) for c in components)
+
+
+def check_snapshot(req: Snapshot, components: Sequence[ComponentEntry], arena_size: int) -> None:
+    """Validate what a snapshot adds to its (already checked) layout: names, the step, files and
+    that every shard lies inside its arena of ``arena_size`` bytes."""
     try:
         check_name("run", req.run)
-        for c in req.components:
-            check_name("component", c.name)
     except InvalidName as e:
         raise InvalidRequest(str(e)) from e
     if req.step < 0:
         raise InvalidRequest(f"step must be >= 0, got {req.step}")
     if not 0 <= req.rank < req.world_size:
         raise InvalidRequest(f"rank {req.rank} is not within world_size {req.world_size}")
-    names = [c.name for c in req.components]
-    if len(set(names)) != len(names) or _RESERVED_COMPONENTS & set(names):
-        raise InvalidRequest(f"component names must be unique and not 'ckptd': {names}")
     extra = set(req.files) - ALLOWED_FILES
     if extra:
         raise InvalidRequest(f"files {sorted(extra)} not allowed; only {sorted(ALLOWED_FILES)}")
-    total = 0
-    for c in req.components:
-        total += _check_component(c, arena_size)
-    return total
+    for c in components:
+        for i, shard in enumerate(c.shards):
+            if shard.offset < 0 or shard.nbytes < 0 or shard.offset + shard.nbytes > arena_size:
+                raise InvalidRequest(
+                    f"component {c.name!r} shard {i}: bytes [{shard.offset}, "
+                    f"{shard.offset + shard.nbytes}) are outside the {arena_size}-byte arena"
+                )
 
 
-def _check_component(c: ComponentEntry, arena_size: int) -> int:
+def _check_component(c: ComponentEntry) -> int:
     if not c.shards:
         raise InvalidRequest(f"component {c.name!r} has no shards")
     seen: set[str] = set()
     total = 0
     for i, shard in enumerate(c.shards):
         where = f"component {c.name!r} shard {i}"
-        if shard.offset < 0 or shard.nbytes < 0 or shard.offset + shard.nbytes > arena_size:
-            raise InvalidRequest(
-                f"{where}: bytes [{shard.offset}, {shard.offset + shard.nbytes}) are outside the "
-                f"{arena_size}-byte arena"
-            )
+        if shard.offset < 0 or shard.nbytes < 0:
+            raise InvalidRequest(f"{where}: offset {shard.offset} and size {shard.nbytes} must be >= 0")
         pos = 0
         for t in shard.tensors:
             if t.name in seen or t.name == "__metadata__" or not t.name:

@@ -1,0 +1,50 @@
+"""A snapshot layout, checked and prepared once: shard headers and index files encoded.
+
+A client registers its layout once per connection and every snapshot of an unchanged model
+reuses it, so the per-tensor work (validation, safetensors headers, the index's weight map) is
+not repeated per snapshot on the daemon's event loop.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ckptd.daemon.validate import check_components
+from ckptd.layout import shard_filename
+from ckptd.protocol import ComponentEntry
+from ckptd.shardfile import HeaderEntry, encode_header
+
+#: Layouts one connection keeps registered; registering more forgets the oldest.
+MAX_LAYOUTS = 16
+
+
+@dataclass(frozen=True)
+class PreparedLayout:
+    components: tuple[ComponentEntry, ...]
+    headers: tuple[tuple[bytes, ...], ...]  # per component, per shard
+    indexes: tuple[bytes, ...]  # ``<component>.safetensors.index.json`` text, per component
+    nbytes: int  # tensor bytes a snapshot of this layout writes
+
+
+def prepare(components: Sequence[ComponentEntry]) -> PreparedLayout:
+    """Check ``components`` (raises ``InvalidRequest``) and encode what every snapshot reuses."""
+    nbytes = check_components(components)
+    headers = tuple(
+        tuple(
+            encode_header(HeaderEntry(t.name, t.dtype, tuple(t.shape), t.start, t.end) for t in shard.tensors)
+            for shard in c.shards
+        )
+        for c in components
+    )
+    return PreparedLayout(tuple(components), headers, tuple(_index(c) for c in components), nbytes)
+
+
+def _index(c: ComponentEntry) -> bytes:
+    """The Hugging Face index of a component, as ``save_pretrained`` lays it out."""
+    n = len(c.shards)
+    weight_map = {t.name: shard_filename(c.name, i, n) for i, s in enumerate(c.shards) for t in s.tensors}
+    total = sum(s.nbytes for s in c.shards)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    return (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
