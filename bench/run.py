@@ -193,10 +193,12 @@ class Harness:
         for wl in args.workloads:
             plan.append(("limits", wl))
             plan += [(s, wl) for s in args.systems if not not_applicable(s, wl)]
-        # Interleaved rounds (none, ckptd, dcp_async, torch_save, ..., none): slow drifts of the
-        # machine's load hit every system alike; each figure is the median of its rounds.
+        # Every system run sits between two baseline runs (none, ckptd, none, dcp_async, none, ...)
+        # and is compared with their mean: slow drifts of the machine's speed cancel out; each
+        # figure is the median over the rounds.
         chosen = [s for s in TRAIN_SYSTEMS if s in args.systems]
-        rounds = [("train", s) for s in ("none", *chosen)] * args.train_rounds + [("train", "none")]
+        rounds = [t for s in chosen for t in (("train", "none"), ("train", s))] * args.train_rounds
+        rounds.append(("train", "none"))
         train = [] if args.no_train or not chosen else rounds
         if args.quick:  # one child for everything: seconds, not minutes (memory peaks then mix)
             results = self.run_child(plan + train)
@@ -220,13 +222,13 @@ class Harness:
 def collect(args: argparse.Namespace, results: list[dict[str, Any]], errors: list[str]) -> dict[str, Any]:
     """Arrange the children's results as results.json has them."""
     out: dict[str, Any] = {"limits": {}, "results": {wl: {} for wl in args.workloads}, "errors": errors}
-    train_runs: dict[str, list[dict[str, Any]]] = {}
+    train_runs: list[dict[str, Any]] = []
     for r in results:
         system, target = r.get("task", ("?", "?"))
         if system == "limits":
             out["limits"][target] = r
         elif system == "train":
-            train_runs.setdefault(target, []).append(r)
+            train_runs.append(r)
         else:
             out["results"][target][system] = r
     for wl in args.workloads:
@@ -246,29 +248,51 @@ def collect(args: argparse.Namespace, results: list[dict[str, Any]], errors: lis
     return out
 
 
-def training_summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Per system: the median of its rounds, and interference against the mean baseline."""
-    baseline = runs.pop("none", [])
+def training_summary(sequence: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per system: the median of its rounds; interference of each run against the mean of the
+    baseline runs just before and after it (its bracket), median over the rounds."""
+    baseline = [r for r in sequence if r.get("task", ("", ""))[1] == "none"]
     out: dict[str, Any] = {"baseline": baseline, "systems": {}}
     rates = [b["steps_per_s"] for b in baseline if "steps_per_s" in b]
-    base = sum(rates) / len(rates) if rates else None
-    out["baseline_steps_per_s"] = base
-    for system, rs in runs.items():
-        ok = [r for r in rs if "steps_per_s" in r]
+    out["baseline_steps_per_s"] = statistics.median(rates) if rates else None
+    runs: dict[str, list[tuple[dict[str, Any], float | None]]] = {}
+    for i, r in enumerate(sequence):
+        system = r.get("task", ("", ""))[1]
+        if system != "none":
+            runs.setdefault(system, []).append((r, _bracket(sequence, i)))
+    for system, pairs in runs.items():
+        ok = [(r, b) for r, b in pairs if "steps_per_s" in r]
         if not ok:
-            out["systems"][system] = {"system": system, "error": rs[0].get("error", "no result")}
+            out["systems"][system] = {"system": system, "error": pairs[0][0].get("error", "no result")}
             continue
-        agg: dict[str, Any] = dict(ok[len(ok) // 2])
+        rs = [r for r, _ in ok]
+        agg: dict[str, Any] = dict(rs[len(rs) // 2])
         for key in ("steps_per_s", "stall_s", "durable_s", "rss_overhead"):
-            agg[key] = statistics.median(r[key] for r in ok)
-        agg["steps_per_s_all"] = [r["steps_per_s"] for r in ok]
-        agg["checkpoints"] = sum(r["checkpoints"] for r in ok)
+            agg[key] = statistics.median(r[key] for r in rs)
+        agg["steps_per_s_all"] = [r["steps_per_s"] for r in rs]
+        agg["checkpoints"] = sum(r["checkpoints"] for r in rs)
         # the time the training thread itself was held by checkpointing, a low-noise figure
-        agg["blocked_pct"] = statistics.median(100.0 * r["blocked_s"] / r["seconds"] for r in ok)
-        if base:
-            agg["interference_pct"] = 100.0 * (1.0 - agg["steps_per_s"] / base)
+        agg["blocked_pct"] = statistics.median(100.0 * r["blocked_s"] / r["seconds"] for r in rs)
+        paired = [100.0 * (1.0 - r["steps_per_s"] / b) for r, b in ok if b]
+        agg["interference_all_pct"] = paired
+        if paired:
+            agg["interference_pct"] = statistics.median(paired)
         out["systems"][system] = agg
     return out
+
+
+def _bracket(sequence: list[dict[str, Any]], i: int) -> float | None:
+    """Mean steps/s of the nearest baseline runs before and after run ``i``."""
+    near = []
+    for step in (-1, 1):
+        j = i + step
+        while 0 <= j < len(sequence):
+            r = sequence[j]
+            if r.get("task", ("", ""))[1] == "none" and "steps_per_s" in r:
+                near.append(float(r["steps_per_s"]))
+                break
+            j += step
+    return sum(near) / len(near) if near else None
 
 
 def host_info(out: Path) -> dict[str, Any]:

@@ -38,6 +38,12 @@ def main(argv: list[str] | None = None, storage: Storage | None = None) -> int:
         action="store_false",
         help="write shards through the page cache instead of with O_DIRECT",
     )
+    serve.add_argument(
+        "--writer-nice",
+        type=int,
+        default=10,
+        help="niceness added to the shard writer threads, so training keeps the CPU (default 10; 0: none)",
+    )
     serve.add_argument("--budget", default="4GiB", help="bytes of snapshots written at once (default 4GiB)")
     serve.add_argument("--drain-timeout", type=float, default=600.0, help="seconds to drain on SIGTERM")
     serve.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
@@ -79,6 +85,7 @@ def _serve(args: argparse.Namespace, storage: Storage | None) -> int:
             max_shard_size=parse_size(args.max_shard_size),
             workers=args.workers,
             direct_io=args.direct_io,
+            writer_nice=args.writer_nice,
             keep_last=args.keep_last,
             budget_bytes=parse_size(args.budget),
             drain_timeout_s=args.drain_timeout,

@@ -6,12 +6,16 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import DaemonProc
 
 from ckptd import checksum, commit
 from ckptd.storage import DIRECT_ALIGN, Storage
+from client import Client
 
 CHUNK = commit._CHUNK_BYTES
 
@@ -111,3 +115,29 @@ def test_small_and_boundary_sizes(tmp_path: Path, size: int) -> None:
     data = memoryview(os.urandom(size))
     record = commit.write_shard(Storage(), tmp_path / "s.safetensors", header, data)
     _check_file(tmp_path / "s.safetensors", header, data, record)
+
+
+def _thread_nices(pid: int) -> dict[int, int]:
+    """Niceness of each thread of ``pid`` (field 19 of /proc/PID/task/TID/stat)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        out[int(task.name)] = int(fields[16])
+    return out
+
+
+@pytest.mark.parametrize(("args", "expected"), [((), 10), (("--writer-nice", "0"), 0)])
+def test_writer_threads_yield_the_cpu_to_training(
+    start_daemon: Callable[..., DaemonProc], args: tuple[str, ...], expected: int
+) -> None:
+    d = start_daemon(*args)
+    with Client.connect(d.socket, autostart=False) as c:
+        for step in range(3):  # enough shards to start writer threads
+            c.snapshot({"a": torch.ones(1000), "b": torch.zeros(10)}, step=step).wait(30)
+        nices = _thread_nices(d.proc.pid)
+    assert nices[d.proc.pid] == 0, "the event loop keeps the daemon's priority"
+    writers = [n for tid, n in nices.items() if tid != d.proc.pid and n != 0]
+    if expected:
+        assert writers and set(writers) == {expected}, nices
+    else:
+        assert not writers, nices

@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +39,7 @@ class PipelineOptions:
     root: Path
     workers: int = 4  # shard writer threads
     direct_io: bool = True  # write shards with O_DIRECT where the filesystem allows it
+    writer_nice: int = 10  # niceness added to the writer threads: training keeps the CPU it needs
     budget_bytes: int = 4 * 2**30  # bytes of snapshots being written at once
     keep_last: int = 0  # committed steps kept per run; 0 keeps all
 
@@ -86,7 +89,12 @@ class Pipeline:
         self.options = options
         self.storage = storage
         self.metrics = metrics
-        self._pool = ThreadPoolExecutor(options.workers, thread_name_prefix="ckptd-write")
+        self._pool = ThreadPoolExecutor(
+            options.workers,
+            thread_name_prefix="ckptd-write",
+            initializer=_lower_priority,
+            initargs=(options.writer_nice,),
+        )
         self._budget = ByteBudget(options.budget_bytes)
         self._tails: dict[str, asyncio.Future[None]] = {}
         self._jobs: dict[tuple[str, int], Job] = {}
@@ -267,6 +275,17 @@ class Pipeline:
         )
         commit.seal(st, staged, manifest)
         return manifest
+
+
+def _lower_priority(nice: int) -> None:
+    """Make the calling writer thread yield the CPU to training processes (Linux schedules each
+    thread by its own niceness). The event loop keeps the daemon's priority."""
+    if nice:
+        try:
+            current = os.getpriority(os.PRIO_PROCESS, 0)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(current + nice, 19))
+        except OSError as e:
+            log.warning("could not lower the writer threads' priority (%s)", e)
 
 
 _STAGES = (

@@ -45,6 +45,7 @@ class DaemonOptions:
     max_shard_size: int = 5 * 10**9
     workers: int = 4
     direct_io: bool = True
+    writer_nice: int = 10
     keep_last: int = 0
     budget_bytes: int = 4 * 2**30
     drain_timeout_s: float = 600.0
@@ -67,6 +68,7 @@ class Daemon:
                 root=options.root,
                 workers=options.workers,
                 direct_io=options.direct_io,
+                writer_nice=options.writer_nice,
                 budget_bytes=options.budget_bytes,
                 keep_last=options.keep_last,
             ),
