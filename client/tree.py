@@ -2,18 +2,21 @@
 
 ``flatten`` accepts an ``nn.Module``, a state dict, an optimizer, or a dict tree of those plus
 plain values. Each top-level entry that holds tensors is a component (a bare module is the
-component ``model``). Modules keep their state-dict names (so ``model`` loads with Hugging Face);
+component ``model``). Modules keep their state-dict names (so ``model`` loads with Hugging Face),
+and so does a top-level state dict (string keys, tensor values): both are one ``$module`` node;
 optimizer state is keyed by parameter name (``state.<param fqn>.exp_avg``). Tensors that alias
-one another (same storage, offset, shape and strides) are stored once and recorded as aliases.
+one another (same storage, offset, shape, strides and dtype, not empty) are stored once and
+recorded as aliases.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from pydantic import JsonValue
@@ -24,8 +27,13 @@ from ckptd.torch_dtypes import TO_SAFETENSORS, safetensors_dtype
 from client.offload import is_offloaded, onloaded_state_dict
 
 _PLAIN = (bool, int, float, str, type(None))
+#: Plain values that are their own JSON (floats may be NaN or infinite; subclasses take the long way).
+_EXACT_PLAIN = frozenset({bool, int, str, type(None)})
 #: Deepest nesting of dicts and lists in a snapshot (JSON parsers stop at a few hundred levels).
 MAX_DEPTH = 64
+
+
+_Key = tuple[int, torch.Size, tuple[int, ...], torch.dtype]
 
 
 @dataclass
@@ -33,18 +41,52 @@ class Component:
     name: str
     tensors: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # unique, in order
     aliases: dict[str, str] = field(default_factory=dict)
-    _seen: dict[tuple[int, torch.Size, tuple[int, ...], torch.dtype], str] = field(default_factory=dict)
+    #: The first stored tensor at each data pointer (the very ``tensors`` entry).
+    _first: dict[int, tuple[str, torch.Tensor]] = field(default_factory=dict)
+    #: Full alias keys (pointer, shape, strides, dtype), kept only for pointers that two tensors share.
+    _seen: dict[_Key, str] = field(default_factory=dict)
     _names: set[str] = field(default_factory=set)
     prefer_dropped: frozenset[str] = frozenset()
+    #: Whether any tensor added is on a CUDA device.
+    cuda: bool = False
 
     def add(self, name: str, t: torch.Tensor) -> None:
         # Runs once per tensor per snapshot: only cheap attribute reads on the common path.
+        names = self._names
+        if name in names or not t.is_cpu or t.dtype not in TO_SAFETENSORS:
+            self._check(name, t)
+        names.add(name)
+        ptr = t.data_ptr()
+        if ptr in self._first:
+            self._collide(ptr, name, t)
+        else:
+            entry = (name, t)
+            self.tensors.append(entry)
+            self._first[ptr] = entry
+
+    def add_all(self, items: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """``add`` each ``(name, tensor)`` in order (a state dict's items)."""
+        names, first, tensors, ok = self._names, self._first, self.tensors, TO_SAFETENSORS
+        for name, t in items:
+            if name in names or not t.is_cpu or t.dtype not in ok:
+                self._check(name, t)
+            names.add(name)
+            ptr = t.data_ptr()
+            if ptr in first:
+                self._collide(ptr, name, t)
+            else:
+                entry = (name, t)
+                tensors.append(entry)
+                first[ptr] = entry
+
+    def _check(self, name: str, t: torch.Tensor) -> None:
+        """Raise for a duplicate name, a meta tensor or a dtype safetensors cannot store; note a
+        CUDA tensor."""
         if name in self._names:
             raise ValueError(
                 f"two tensors would both be named {name!r} in component {self.name!r}; "
                 "rename a key so that dotted paths are unique"
             )
-        self._names.add(name)
         if t.is_meta:
             raise ValueError(
                 f"tensor {self.name}/{name} is on the meta device (an offloaded or uninitialised "
@@ -52,7 +94,15 @@ class Component:
             )
         if t.dtype not in TO_SAFETENSORS:
             safetensors_dtype(t.dtype, name)  # raises with the reason
-        key = (t.data_ptr(), t.shape, t.stride(), t.dtype)
+        if t.is_cuda:
+            self.cuda = True
+
+    def _collide(self, ptr: int, name: str, t: torch.Tensor) -> None:
+        """A tensor starting where an earlier one does: an alias iff it has the same shape, strides
+        and dtype and holds elements (zero-element tensors never alias)."""
+        first_name, first = self._first[ptr]
+        self._seen.setdefault((ptr, first.shape, first.stride(), first.dtype), first_name)
+        key = (ptr, t.shape, t.stride(), t.dtype)
         if key in self._seen and t.numel():
             self.aliases[name] = self._seen[key]
             return
@@ -102,6 +152,19 @@ def normalize(obj: object) -> dict[str, Any]:
 
 
 def flatten(obj: object) -> Flat:
+    # The cyclic garbage collector would run many times over the (possibly huge) heap while this
+    # allocates its small tuples and dicts, on the training thread; nothing here makes a cycle
+    # and no tensor is freed by it, so it is paused for the call (left off if it was off).
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _flatten(obj)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _flatten(obj: object) -> Flat:
     top = normalize(obj)
     for key in top:
         if not isinstance(key, str):
@@ -117,22 +180,36 @@ def flatten(obj: object) -> Flat:
             state = value.state_dict()
             if is_offloaded(value):
                 state = onloaded_state_dict(value)
-            for name, t in state.items():
-                comp.add(name, t)
+            comp.add_all(state.items())
             nodes[key] = {"$module": key, "keys": list(state)}
             if not files:
                 files = hf_files(value)
         elif isinstance(value, torch.optim.Optimizer):
             comp = _component(key)
             nodes[key] = _optimizer_node(value, comp, names)
+        elif _is_state_dict(value):
+            # A plain state dict: stored like a module's (one node for all its tensors, which
+            # ``ckptd.tree.decode`` turns back into the same dict), not a node per tensor.
+            comp = _component(key)
+            comp.add_all(value.items())
+            nodes[key] = {"$module": key, "keys": list(value)}
         else:
             comp = _component(key)
             nodes[key] = _encode(value, key, (), comp)
         comp.finish()
         if comp.tensors or comp.aliases:
             components.append(comp)
-    cuda = any(t.is_cuda for c in components for _, t in c.tensors)
-    return Flat(components, {"$dict": nodes}, files, cuda)
+    return Flat(components, {"$dict": nodes}, files, any(c.cuda for c in components))
+
+
+def _is_state_dict(value: object) -> TypeGuard[Mapping[str, torch.Tensor]]:
+    """A non-empty mapping of string keys to tensors."""
+    if not isinstance(value, Mapping) or not value:
+        return False
+    for k, v in value.items():  # noqa: SIM110 (a loop: a third faster than all() on a generator)
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            return False
+    return True
 
 
 def _component(name: str, prefer_dropped: frozenset[str] = frozenset()) -> Component:
@@ -146,23 +223,47 @@ def _component(name: str, prefer_dropped: frozenset[str] = frozenset()) -> Compo
 def _encode(value: object, key: str, path: tuple[str, ...], comp: Component) -> JsonValue:
     if len(path) > MAX_DEPTH:
         raise TypeError(f"{key}/{'.'.join(path[:5])}...: nested deeper than {MAX_DEPTH} levels")
-    if isinstance(value, torch.Tensor):
-        name = ".".join(path) if path else key
-        comp.add(name, value)
-        return {"$tensor": [comp.name, name]}
-    if isinstance(value, _PLAIN):
-        if isinstance(value, float) and not math.isfinite(value):
-            return {"$float": str(value)}  # JSON has no NaN or infinity
-        return value
-    if isinstance(value, Mapping):
+    cls = type(value)
+    if cls is not dict and cls is not list:  # (neither is a tensor or a plain value)
+        if isinstance(value, torch.Tensor):
+            name = ".".join(path) if path else key
+            comp.add(name, value)
+            return {"$tensor": [comp.name, name]}
+        if isinstance(value, _PLAIN):
+            if isinstance(value, float) and not math.isfinite(value):
+                return {"$float": str(value)}  # JSON has no NaN or infinity
+            return value
+    # Tensors and exact int/str/bool/None in a container are handled here, without a call and a
+    # path tuple each (as the recursion would: a tensor's name is its dotted path). Leaves one
+    # level too deep go through the recursion, which raises.
+    shallow = len(path) < MAX_DEPTH
+    prefix = ".".join(path) + "." if path else ""
+    add, cname = comp.add, comp.name
+    if cls is dict or (cls is not list and cls is not tuple and isinstance(value, Mapping)):
         out: dict[str, JsonValue] = {}
-        for k, v in value.items():
+        for k, v in value.items():  # type: ignore[attr-defined]
             if not isinstance(k, str):
                 raise TypeError(f"dict keys in a snapshot must be strings; {key}/{'.'.join(path)} has {k!r}")
-            out[k] = _encode(v, key, (*path, k), comp)
+            if shallow and isinstance(v, torch.Tensor):
+                name = prefix + k
+                add(name, v)
+                out[k] = {"$tensor": [cname, name]}
+            elif shallow and type(v) in _EXACT_PLAIN:
+                out[k] = v
+            else:
+                out[k] = _encode(v, key, (*path, k), comp)
         return {"$dict": out}
     if isinstance(value, list | tuple):
-        items = [_encode(v, key, (*path, str(i)), comp) for i, v in enumerate(value)]
+        items: list[JsonValue] = []
+        for i, v in enumerate(value):
+            if shallow and isinstance(v, torch.Tensor):
+                name = prefix + str(i)
+                add(name, v)
+                items.append({"$tensor": [cname, name]})
+            elif shallow and type(v) in _EXACT_PLAIN:
+                items.append(v)
+            else:
+                items.append(_encode(v, key, (*path, str(i)), comp))
         return {"$tuple" if isinstance(value, tuple) else "$list": items}
     if isinstance(value, nn.Module | torch.optim.Optimizer):
         raise TypeError(
