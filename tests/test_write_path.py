@@ -1,5 +1,6 @@
-"""The daemon's shard write path: O_DIRECT where the filesystem takes it, the page cache where it
-does not, and the same bytes and checksum either way."""
+"""The daemon's shard write path: buffered with write-behind by default, O_DIRECT on request
+(buffered where the filesystem refuses it), the same bytes and checksum either way; writer
+threads that yield the CPU to training."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from ckptd import checksum, commit
 from ckptd.storage import DIRECT_ALIGN, Storage
 from client import Client
 
-CHUNK = commit._CHUNK_BYTES
+CHUNK = commit._DIRECT_CHUNK_BYTES  # the larger of the two chunk sizes
 
 
 class RecordingStorage(Storage):
@@ -25,6 +26,11 @@ class RecordingStorage(Storage):
 
     def __init__(self) -> None:
         self.writes: list[tuple[int, int, bool]] = []  # (offset, length, direct)
+        self.kicked: list[tuple[int, int]] = []  # ranges whose writeback was started
+
+    def start_writeback(self, fd: int, offset: int, nbytes: int) -> None:
+        self.kicked.append((offset, nbytes))
+        super().start_writeback(fd, offset, nbytes)
 
     def pwrite(self, fd: int, data: memoryview | bytes, offset: int) -> int:
         direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
@@ -76,7 +82,7 @@ def test_direct_writes_every_whole_block_without_the_page_cache(tmp_path: Path) 
         pytest.skip(f"{tmp_path} does not support O_DIRECT")
     header, data = _payload()
     storage = RecordingStorage()
-    record = commit.write_shard(storage, tmp_path / "s.safetensors", header, data)
+    record = commit.write_shard(storage, tmp_path / "s.safetensors", header, data, direct=True)
     _check_file(tmp_path / "s.safetensors", header, data, record)
     *body, tail = storage.writes
     assert body
@@ -87,7 +93,7 @@ def test_direct_writes_every_whole_block_without_the_page_cache(tmp_path: Path) 
 def test_buffered_when_the_filesystem_refuses_the_flag(tmp_path: Path) -> None:
     header, data = _payload()
     storage = NoDirectStorage()
-    record = commit.write_shard(storage, tmp_path / "s.safetensors", header, data)
+    record = commit.write_shard(storage, tmp_path / "s.safetensors", header, data, direct=True)
     _check_file(tmp_path / "s.safetensors", header, data, record)
     assert not any(direct for _, _, direct in storage.writes)
 
@@ -97,24 +103,28 @@ def test_buffered_when_the_filesystem_refuses_direct_transfers(tmp_path: Path) -
         pytest.skip(f"{tmp_path} does not support O_DIRECT")
     header, data = _payload()
     storage = RefusesDirectTransfers()
-    record = commit.write_shard(storage, tmp_path / "s.safetensors", header, data)
+    record = commit.write_shard(storage, tmp_path / "s.safetensors", header, data, direct=True)
     _check_file(tmp_path / "s.safetensors", header, data, record)
 
 
-def test_no_direct_io_option_writes_through_the_page_cache(tmp_path: Path) -> None:
+def test_buffered_by_default_with_writeback_started_for_every_chunk(tmp_path: Path) -> None:
     header, data = _payload()
     storage = RecordingStorage()
-    record = commit.write_shard(storage, tmp_path / "s.safetensors", header, data, direct=False)
+    record = commit.write_shard(storage, tmp_path / "s.safetensors", header, data)
     _check_file(tmp_path / "s.safetensors", header, data, record)
     assert not any(direct for _, _, direct in storage.writes)
+    assert storage.kicked == [(off, n) for off, n, _ in storage.writes], "write-behind for each write"
+    assert max(n for _, n in storage.kicked) == commit._CHUNK_BYTES
 
 
 @pytest.mark.parametrize("size", [0, 1, DIRECT_ALIGN - 1, DIRECT_ALIGN, CHUNK - DIRECT_ALIGN, CHUNK])
 def test_small_and_boundary_sizes(tmp_path: Path, size: int) -> None:
     header = b"h" * DIRECT_ALIGN
     data = memoryview(os.urandom(size))
-    record = commit.write_shard(Storage(), tmp_path / "s.safetensors", header, data)
-    _check_file(tmp_path / "s.safetensors", header, data, record)
+    for direct in (False, True):
+        path = tmp_path / f"s-{direct}.safetensors"
+        record = commit.write_shard(Storage(), path, header, data, direct=direct)
+        _check_file(path, header, data, record)
 
 
 def _thread_nices(pid: int) -> dict[int, int]:

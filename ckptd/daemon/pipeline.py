@@ -38,7 +38,7 @@ class PipelineOptions:
 
     root: Path
     workers: int = 4  # shard writer threads
-    direct_io: bool = True  # write shards with O_DIRECT where the filesystem allows it
+    direct_io: bool = False  # write shards with O_DIRECT where the filesystem allows it
     writer_nice: int = 10  # niceness added to the writer threads: training keeps the CPU it needs
     budget_bytes: int = 4 * 2**30  # bytes of snapshots being written at once
     keep_last: int = 0  # committed steps kept per run; 0 keeps all

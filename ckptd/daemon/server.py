@@ -44,7 +44,7 @@ class DaemonOptions:
     socket_path: Path
     max_shard_size: int = 5 * 10**9
     workers: int = 4
-    direct_io: bool = True
+    direct_io: bool = False
     writer_nice: int = 10
     keep_last: int = 0
     budget_bytes: int = 4 * 2**30
