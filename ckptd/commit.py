@@ -121,6 +121,7 @@ def write_shard(
         h.update(tail)
         writer.write_last(tail)
         storage.fsync(fd)
+        storage.drop_cache(fd)
     finally:
         storage.close(fd)
     return FileRecord(file=path.name, bytes=writer.offset, xxh3_128=h.hexdigest())

@@ -68,6 +68,11 @@ class Storage:
         if _sync_file_range is not None:
             _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
+    def drop_cache(self, fd: int) -> None:
+        """Let the kernel drop this (fsynced, so clean) file from the page cache: a checkpoint
+        is not read back soon, and training's own cached files should not make way for it."""
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
     def pwrite(self, fd: int, data: memoryview | bytes, offset: int) -> int:
         return os.pwrite(fd, data, offset)
 

@@ -27,6 +27,15 @@ class RecordingStorage(Storage):
     def __init__(self) -> None:
         self.writes: list[tuple[int, int, bool]] = []  # (offset, length, direct)
         self.kicked: list[tuple[int, int]] = []  # ranges whose writeback was started
+        self.calls: list[str] = []
+
+    def fsync(self, fd: int) -> None:
+        self.calls.append("fsync")
+        super().fsync(fd)
+
+    def drop_cache(self, fd: int) -> None:
+        self.calls.append("drop_cache")
+        super().drop_cache(fd)
 
     def start_writeback(self, fd: int, offset: int, nbytes: int) -> None:
         self.kicked.append((offset, nbytes))
@@ -115,6 +124,7 @@ def test_buffered_by_default_with_writeback_started_for_every_chunk(tmp_path: Pa
     assert not any(direct for _, _, direct in storage.writes)
     assert storage.kicked == [(off, n) for off, n, _ in storage.writes], "write-behind for each write"
     assert max(n for _, n in storage.kicked) == commit._CHUNK_BYTES
+    assert storage.calls == ["fsync", "drop_cache"], "the page cache is released only once durable"
 
 
 @pytest.mark.parametrize("size", [0, 1, DIRECT_ALIGN - 1, DIRECT_ALIGN, CHUNK - DIRECT_ALIGN, CHUNK])
