@@ -43,7 +43,7 @@ from client.plan import Plan, copy_pairs, make_plan, signature
 from client.slots import Policy, Quarantine, SlotPool
 from client.spawn import connect_daemon, default_socket
 from client.staging import CudaStager, copy_host
-from client.tree import Flat, flatten
+from client.tree import Flat, flatten, paused_gc
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,8 @@ class Client:
             request = _Request(run, step, arena, plan, flat.tree, flat.files)
             try:
                 self._register(channel, arena, plan)
-                self._stage(handle, request, flat, channel, started)
+                with paused_gc():
+                    self._stage(handle, request, flat, channel, started)
             except BaseException:
                 with self._lock:
                     self._pending.pop(handle.id, None)
@@ -222,9 +223,10 @@ class Client:
 
     def _plan_for(self, flat: Flat, channel: Channel) -> Plan:
         max_shard = parse_size(self.options.max_shard_size or channel.welcome.max_shard_size)
-        key = signature(flat, max_shard)
-        if key != self._plan_key or self._plan is None:
-            self._plan_key, self._plan = key, make_plan(flat, max_shard)
+        with paused_gc():
+            key = signature(flat, max_shard)
+            if key != self._plan_key or self._plan is None:
+                self._plan_key, self._plan = key, make_plan(flat, max_shard)
         return self._plan
 
     def _stage(

@@ -34,10 +34,11 @@ class Plan:
 
 
 def signature(flat: Flat, max_shard_size: int) -> tuple[object, ...]:
+    # torch.Size is a tuple: hashed and compared as one, no copy needed.
     return (
         max_shard_size,
         tuple(
-            (c.name, tuple((n, t.dtype, tuple(t.shape)) for n, t in c.tensors), tuple(c.aliases.items()))
+            (c.name, [(n, t.dtype, t.shape) for n, t in c.tensors], tuple(c.aliases.items()))
             for c in flat.components
         ),
     )

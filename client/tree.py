@@ -11,10 +11,11 @@ recorded as aliases.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
@@ -151,17 +152,23 @@ def normalize(obj: object) -> dict[str, Any]:
     )
 
 
-def flatten(obj: object) -> Flat:
-    # The cyclic garbage collector would run many times over the (possibly huge) heap while this
-    # allocates its small tuples and dicts, on the training thread; nothing here makes a cycle
-    # and no tensor is freed by it, so it is paused for the call (left off if it was off).
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector (left off if it was off). It would run many times
+    over a possibly huge heap while a snapshot allocates its many small tuples and dicts on the
+    training thread; nothing a snapshot allocates makes a cycle, and no tensor is freed by it."""
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _flatten(obj)
+        yield
     finally:
         if enabled:
             gc.enable()
+
+
+def flatten(obj: object) -> Flat:
+    with paused_gc():
+        return _flatten(obj)
 
 
 def _flatten(obj: object) -> Flat:
