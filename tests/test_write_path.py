@@ -86,41 +86,40 @@ def _check_file(path: Path, header: bytes, data: memoryview, record: commit.File
     assert record.xxh3_128 == checksum.of_file(path)[0]
 
 
+def _write_payload(tmp_path: Path, storage: Storage, *, direct: bool) -> int:
+    """Write ``_payload()`` with ``storage``, check the file; returns its size."""
+    header, data = _payload()
+    record = commit.write_shard(storage, tmp_path / "s.safetensors", header, data, direct=direct)
+    _check_file(tmp_path / "s.safetensors", header, data, record)
+    return record.bytes
+
+
 def test_direct_writes_every_whole_block_without_the_page_cache(tmp_path: Path) -> None:
     if not _supports_direct(tmp_path):
         pytest.skip(f"{tmp_path} does not support O_DIRECT")
-    header, data = _payload()
     storage = RecordingStorage()
-    record = commit.write_shard(storage, tmp_path / "s.safetensors", header, data, direct=True)
-    _check_file(tmp_path / "s.safetensors", header, data, record)
+    size = _write_payload(tmp_path, storage, direct=True)
     *body, tail = storage.writes
     assert body
     assert all(direct and off % DIRECT_ALIGN == 0 and n % DIRECT_ALIGN == 0 for off, n, direct in body)
-    assert tail == (len(header) + len(data) - 123, 123, False), "only the unaligned tail is buffered"
+    assert tail == (size - 123, 123, False), "only the unaligned tail is buffered"
 
 
 def test_buffered_when_the_filesystem_refuses_the_flag(tmp_path: Path) -> None:
-    header, data = _payload()
     storage = NoDirectStorage()
-    record = commit.write_shard(storage, tmp_path / "s.safetensors", header, data, direct=True)
-    _check_file(tmp_path / "s.safetensors", header, data, record)
+    _write_payload(tmp_path, storage, direct=True)
     assert not any(direct for _, _, direct in storage.writes)
 
 
 def test_buffered_when_the_filesystem_refuses_direct_transfers(tmp_path: Path) -> None:
     if not _supports_direct(tmp_path):
         pytest.skip(f"{tmp_path} does not support O_DIRECT")
-    header, data = _payload()
-    storage = RefusesDirectTransfers()
-    record = commit.write_shard(storage, tmp_path / "s.safetensors", header, data, direct=True)
-    _check_file(tmp_path / "s.safetensors", header, data, record)
+    _write_payload(tmp_path, RefusesDirectTransfers(), direct=True)
 
 
-def test_buffered_by_default_with_writeback_started_for_every_chunk(tmp_path: Path) -> None:
-    header, data = _payload()
+def test_buffered_writes_start_writeback_for_every_chunk_then_drop_the_cache(tmp_path: Path) -> None:
     storage = RecordingStorage()
-    record = commit.write_shard(storage, tmp_path / "s.safetensors", header, data)
-    _check_file(tmp_path / "s.safetensors", header, data, record)
+    _write_payload(tmp_path, storage, direct=False)
     assert not any(direct for _, _, direct in storage.writes)
     assert storage.kicked == [(off, n) for off, n, _ in storage.writes], "write-behind for each write"
     assert max(n for _, n in storage.kicked) == commit._CHUNK_BYTES
