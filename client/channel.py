@@ -42,6 +42,9 @@ class Channel:
         self._send_lock = threading.Lock()
         self.closed = False
         self._thread: threading.Thread | None = None
+        # What this connection was told, so a reconnect (from any thread) starts from nothing.
+        self.arenas: set[int] = set()
+        self.layouts: set[int] = set()
 
     @classmethod
     def open(cls, path: Path, timeout_s: float = 10.0) -> Channel:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -99,8 +100,6 @@ class Client:
         self._lock = threading.Condition()  # guards _pending, _orphans, _handles
         self._snapshot_lock = threading.RLock()  # one snapshot() / resubmit() / close() at a time
         self._slots = SlotPool(options.slots, self._release_remote)
-        self._registered: set[int] = set()  # arenas the current connection has
-        self._layouts: set[int] = set()  # layouts the current connection has
         self._pending: dict[int, _InFlight] = {}
         self._orphans: list[_InFlight] = []  # in flight when the connection was lost
         self._handles: list[SnapshotHandle] = []
@@ -156,8 +155,6 @@ class Client:
         )
         welcome = channel.welcome
         self.root = Path(welcome.root)
-        self._registered.clear()
-        self._layouts.clear()
         self._channel = channel
         # A different daemon instance means the one that could still read quarantined slots is gone.
         self._slots.release_quarantined(lambda q: q.instance != welcome.instance)
@@ -272,24 +269,24 @@ class Client:
 
     def _register(self, channel: Channel, arena: Arena, plan: Plan) -> None:
         """Tell the connection about the arena and the layout a snapshot uses, once each."""
-        if arena.id not in self._registered:
+        if arena.id not in channel.arenas:
             channel.send(RegisterArena(arena=arena.id, size=arena.size), fds=(arena.fd,))
-            self._registered.add(arena.id)
-        if plan.layout_id not in self._layouts:
+            channel.arenas.add(arena.id)
+        if plan.layout_id not in channel.layouts:
             try:
                 frame = encode_register_layout(plan.layout_id, plan.components_json)
             except ProtocolError as e:
                 raise CheckpointError(f"snapshot layout too large: {e}", code="too_large") from e
             channel.send_bytes(frame)
-            self._layouts.add(plan.layout_id)
+            channel.layouts.add(plan.layout_id)
 
     def _release_remote(self, arena: Arena) -> None:
-        if arena.id in self._registered and self._channel is not None and not self._channel.closed:
-            try:
-                self._channel.send(ReleaseArena(arena=arena.id))
-            except CheckpointError:
-                pass
-        self._registered.discard(arena.id)
+        channel = self._channel
+        if channel is not None and arena.id in channel.arenas:
+            channel.arenas.discard(arena.id)
+            if not channel.closed:
+                with contextlib.suppress(CheckpointError):
+                    channel.send(ReleaseArena(arena=arena.id))
 
     def _reap(self) -> None:
         """Free quarantined slots once the daemon no longer lists their snapshots as in flight."""

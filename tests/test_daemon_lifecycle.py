@@ -261,6 +261,9 @@ def test_autostart_starts_a_detached_daemon(auto_socket: Path, workdir: Path) ->
         assert pid != os.getpid()
         assert alive(pid)
         assert os.getsid(pid) != os.getsid(0), "the daemon must run in its own session"
+        group = Path(f"/proc/{pid}/autogroup")
+        if group.exists():  # its own scheduling group yields the CPU to the training session
+            assert group.read_text().split()[-1] == "10", group.read_text()
         assert Path(status.root) == root
         assert stat.S_IMODE(os.stat(auto_socket).st_mode) == 0o600
 

@@ -155,6 +155,10 @@ def test_writer_threads_yield_the_cpu_to_training(
             c.snapshot({"a": torch.ones(1000), "b": torch.zeros(10)}, step=step).wait(30)
         nices = _thread_nices(d.proc.pid)
     assert nices[d.proc.pid] == 0, "the event loop keeps the daemon's priority"
+    group = Path(f"/proc/{d.proc.pid}/autogroup")
+    if group.exists():
+        own = Path("/proc/self/autogroup").read_text()
+        assert group.read_text() == own, "a daemon sharing the trainer's session leaves its group alone"
     writers = [n for tid, n in nices.items() if tid != d.proc.pid and n != 0]
     if expected:
         assert writers and set(writers) == {expected}, nices

@@ -13,10 +13,11 @@ import logging
 import os
 import socket
 from collections import deque
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from ckptd.daemon.arenas import Arena, ArenaError
-from ckptd.daemon.layouts import MAX_LAYOUTS, PreparedLayout, prepare
+from ckptd.daemon.layouts import MAX_LAYOUT_TENSORS, MAX_LAYOUTS, PreparedLayout, prepare
 from ckptd.daemon.pipeline import Job
 from ckptd.daemon.validate import InvalidRequest, check_snapshot
 from ckptd.protocol import (
@@ -59,8 +60,8 @@ class Connection:
         self._frames = FrameReader()
         self._fds: deque[int] = deque()
         self.arenas: dict[int, Arena] = {}
-        # A layout that failed its checks is kept as the error its snapshots get.
-        self.layouts: dict[int, PreparedLayout | InvalidRequest] = {}
+        # A layout that failed its checks is kept as the reason its snapshots fail.
+        self.layouts: dict[int, PreparedLayout | str] = {}
         self._out: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._queued = 0
         self._hello = False
@@ -173,12 +174,16 @@ class Connection:
 
     def _on_layout(self, msg: RegisterLayout) -> None:
         self.layouts.pop(msg.layout, None)
-        while len(self.layouts) >= MAX_LAYOUTS:
-            del self.layouts[next(iter(self.layouts))]
         try:
-            self.layouts[msg.layout] = prepare(msg.components)
-        except InvalidRequest as e:
-            self.layouts[msg.layout] = InvalidRequest(f"layout {msg.layout}: {e}")
+            layout: PreparedLayout | str = prepare(msg.components)
+        except ValueError as e:  # InvalidRequest, or anything else the layout's values break
+            layout = f"layout {msg.layout}: {e}"
+        size = layout.tensors if isinstance(layout, PreparedLayout) else 0
+        while self.layouts and (
+            len(self.layouts) >= MAX_LAYOUTS or _tensors(self.layouts.values()) + size > MAX_LAYOUT_TENSORS
+        ):
+            del self.layouts[next(iter(self.layouts))]  # the oldest; a job keeps its own reference
+        self.layouts[msg.layout] = layout
 
     def _layout_of(self, msg: Snapshot) -> PreparedLayout:
         if msg.layout is None:
@@ -188,8 +193,8 @@ class Connection:
         layout = self.layouts.get(msg.layout)
         if layout is None:
             raise InvalidRequest(f"layout {msg.layout} is not registered on this connection")
-        if isinstance(layout, InvalidRequest):
-            raise layout
+        if isinstance(layout, str):
+            raise InvalidRequest(layout)
         return layout
 
     def _on_snapshot(self, msg: Snapshot) -> None:
@@ -233,3 +238,7 @@ class Connection:
             os.close(self._fds.popleft())
         self.writer.add_done_callback(lambda _: self._sock.close())
         self.daemon.forget(self)
+
+
+def _tensors(layouts: Iterable[PreparedLayout | str]) -> int:
+    return sum(x.tensors for x in layouts if isinstance(x, PreparedLayout))

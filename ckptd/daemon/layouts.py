@@ -11,13 +11,15 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ckptd.daemon.validate import check_components
+from ckptd.daemon.validate import InvalidRequest, check_components
 from ckptd.layout import shard_filename
 from ckptd.protocol import ComponentEntry
 from ckptd.shardfile import HeaderEntry, encode_header
 
-#: Layouts one connection keeps registered; registering more forgets the oldest.
+#: Layouts one connection keeps registered, and the tensors in them all together; registering
+#: more forgets the oldest (a client only ever uses the layout it registered last).
 MAX_LAYOUTS = 16
+MAX_LAYOUT_TENSORS = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -26,10 +28,14 @@ class PreparedLayout:
     headers: tuple[tuple[bytes, ...], ...]  # per component, per shard
     indexes: tuple[bytes, ...]  # ``<component>.safetensors.index.json`` text, per component
     nbytes: int  # tensor bytes a snapshot of this layout writes
+    tensors: int  # tensor entries, for the per-connection limit
 
 
 def prepare(components: Sequence[ComponentEntry]) -> PreparedLayout:
     """Check ``components`` (raises ``InvalidRequest``) and encode what every snapshot reuses."""
+    tensors = sum(len(s.tensors) for c in components for s in c.shards)
+    if tensors > MAX_LAYOUT_TENSORS:
+        raise InvalidRequest(f"a layout of {tensors} tensors exceeds the limit of {MAX_LAYOUT_TENSORS}")
     nbytes = check_components(components)
     headers = tuple(
         tuple(
@@ -38,7 +44,7 @@ def prepare(components: Sequence[ComponentEntry]) -> PreparedLayout:
         )
         for c in components
     )
-    return PreparedLayout(tuple(components), headers, tuple(_index(c) for c in components), nbytes)
+    return PreparedLayout(tuple(components), headers, tuple(_index(c) for c in components), nbytes, tensors)
 
 
 def _index(c: ComponentEntry) -> bytes:

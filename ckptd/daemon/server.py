@@ -105,6 +105,7 @@ class Daemon:
     async def startup(self) -> None:
         opts = self.options
         _raise_fd_limit()
+        _yield_session_cpu(opts.writer_nice)
         opts.root.mkdir(parents=True, exist_ok=True)
         opts.socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         _check_private_dir(opts.socket_path.parent)
@@ -293,6 +294,17 @@ def _raise_fd_limit() -> None:
     if soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _yield_session_cpu(nice: int) -> None:
+    """A daemon that leads its own session (autostarted, ``--detach``) is, with the kernel's
+    autogroup scheduling, a group of its own that competes with the training session as an
+    equal, whatever its threads' niceness: lower the group's priority instead. Never done when
+    the session is shared (it would slow the training processes in it too)."""
+    if not nice or os.getsid(0) != os.getpid():
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/autogroup").write_text(f"{min(nice, 19)}\n")
 
 
 def _answers(socket_path: Path) -> bool:
