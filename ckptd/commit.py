@@ -29,9 +29,8 @@ from ckptd.storage import DIRECT_ALIGN, Storage
 log = logging.getLogger(__name__)
 # Copy, hash and write in chunks small enough to stay in cache between the three and to hold the
 # GIL (the copy into the buffer keeps it) only briefly; a direct write needs larger ones to keep
-# several requests in flight. One page-aligned buffer per writer thread. (1 GiB on the development VM, 3 runs
-# each: buffered + write-behind 4 MiB 0.31-0.80 GB/s, median 0.55, 0.6-1.2 CPU-s; 16 MiB
-# 0.41-0.52; direct 16 MiB 0.26-0.36 GB/s at 0.35-0.4 CPU-s; buffered then fsync 0.34-0.48.)
+# several requests in flight. One page-aligned buffer per writer thread (`python -m
+# bench.write_path` compares the modes).
 _CHUNK_BYTES = 4 * 2**20
 _DIRECT_CHUNK_BYTES = 16 * 2**20
 

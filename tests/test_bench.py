@@ -57,3 +57,19 @@ def test_quick_run(tmp_path: Path) -> None:
     png = (out / "chart.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
     assert not (out / "scratch").exists(), "measurement outputs are deleted"
+
+
+def test_write_path_benchmark_runs_every_mode(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.write_path", "--gib", "0.01", "--rounds", "1", "--dir", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = done.stdout.split("median (range)")[1]
+    for mode in ("write-behind", "buffered+fsync", "direct"):
+        assert f"{mode} " in summary and "GB/s" in summary, done.stdout
+    assert list(tmp_path.iterdir()) == [], "the benchmark removes what it wrote"
