@@ -115,8 +115,10 @@ SCENARIOS = [
         "Hostile snapshot requests",
         "Ranges outside the arena, gaps and overlaps, negative or huge shapes, unknown dtypes, "
         "run names with `..`, `/`, absolute paths, component names with `/`, extra files, "
-        "aliases, steps too long for a file name, duplicate in-flight steps.",
-        r"test_hostile\.py::test_(bad_snapshot|two_components|step_too_long|snapshot_of_a_step)",
+        "aliases, steps too long for a file name, duplicate in-flight steps; each bad case sent "
+        "inline and as a registered layout; unknown, foreign and forgotten layouts.",
+        r"test_hostile\.py::test_(bad_snapshot|two_components|step_too_long|snapshot_of_a_step|layouts_are"
+        r"|oldest_layouts)",
     ),
     Scenario(
         "Symlinks planted under the root",
