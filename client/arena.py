@@ -38,6 +38,7 @@ class Arena:
             os.close(self.fd)
             raise
         self.bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+        self.address: int = self.bytes.data_ptr()
         self._cuda_registered = False
         self.busy = False
         self.generation = 0  # snapshots copied into this arena so far

@@ -43,7 +43,7 @@ from client.handle import CommitInfo, SnapshotHandle, now
 from client.plan import Plan, copy_pairs, make_plan, signature
 from client.slots import Policy, Quarantine, SlotPool
 from client.spawn import connect_daemon, default_socket
-from client.staging import CudaStager, copy_host
+from client.staging import CudaStager, copy_host, copy_pairs_host
 from client.tree import Flat, flatten, paused_gc
 
 log = logging.getLogger(__name__)
@@ -233,15 +233,17 @@ class Client:
             frame = request.frame(handle.id)
         except ProtocolError as e:
             raise CheckpointError(f"snapshot request too large: {e}", code="too_large") from e
-        pairs = copy_pairs(request.arena, request.plan, flat)
         entry = _InFlight(handle, request, frame, request.arena.generation, channel)
         with self._lock:
             self._pending[handle.id] = entry
             self._handles.append(handle)
         if flat.cuda:
-            event = self._cuda.copy(request.arena, pairs)
-        else:
-            copy_host(pairs)
+            event = self._cuda.copy(request.arena, copy_pairs(request.arena, request.plan, flat))
+        elif flat.host:
+            copy_host(request.arena, request.plan, flat)
+            handle._set_staged()
+        else:  # another accelerator: torch copies to host synchronously
+            copy_pairs_host(copy_pairs(request.arena, request.plan, flat))
             handle._set_staged()
         # Set before sending: the commit can be reported before this thread runs again.
         handle.stall_s = now() - started

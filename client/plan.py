@@ -1,8 +1,9 @@
-"""The per-signature work of a snapshot, done once and cached: layout, request parts, views.
+"""The per-signature work of a snapshot, done once and cached: layout, request parts, offsets.
 
 While the tree's signature (component and tensor names, dtypes, shapes, aliases, shard size) is
 unchanged, a snapshot reuses the layout (registered once per connection with the daemon, which
-prepares its headers and index once) and, per arena, the tensor views it copies into.
+prepares its headers and index once), each tensor's offset and size in the arena and, for
+device copies, per arena the tensor views it copies into.
 """
 
 from __future__ import annotations
@@ -25,12 +26,23 @@ _entries_json: TypeAdapter[list[ComponentEntry]] = TypeAdapter(list[ComponentEnt
 _layout_ids = itertools.count(1)
 
 
+#: Host tensors up to this size are copied with one ``memmove`` each (the GIL held: a few
+#: microseconds); larger ones by torch, which may split a copy across threads.
+RAW_COPY_MAX = 1 << 20
+#: Dtypes whose tensors may carry a lazy conjugate bit: always copied by torch.
+_LAZY_BITS = frozenset({"C64"})
+
+
 @dataclass(frozen=True)
 class Plan:
     layout: layout_mod.Layout
     components_json: bytes  # the layout's "components", serialized once
     order: tuple[tuple[int, int], ...]  # (component, tensor) index of each placement, layout order
     layout_id: int  # unique in this process: the id it is registered under with a daemon
+    offsets: tuple[int, ...]  # arena offset of each placement, layout order
+    sizes: tuple[int, ...]  # bytes of each placement
+    raw: tuple[bool, ...]  # whether a contiguous host source may be copied with a plain memmove
+    specs: tuple[layout_mod.TensorSpec, ...]  # of each placement
 
 
 def signature(flat: Flat, max_shard_size: int) -> tuple[object, ...]:
@@ -84,20 +96,32 @@ def make_plan(flat: Flat, max_shard_size: int) -> Plan:
         )
         for ci, comp in enumerate(lay.components)
     ]
-    return Plan(lay, _entries_json.dump_json(entries), order, next(_layout_ids))
+    placements = [(s.offset, p) for comp in lay.components for s in comp.shards for p in s.tensors]
+    return Plan(
+        lay,
+        _entries_json.dump_json(entries),
+        order,
+        next(_layout_ids),
+        offsets=tuple(base + p.start for base, p in placements),
+        sizes=tuple(p.end - p.start for _, p in placements),
+        raw=tuple(
+            0 < p.end - p.start <= RAW_COPY_MAX and p.spec.dtype not in _LAZY_BITS for _, p in placements
+        ),
+        specs=tuple(p.spec for _, p in placements),
+    )
+
+
+def view(arena: Arena, plan: Plan, i: int) -> torch.Tensor:
+    """Placement ``i`` of ``plan`` (layout order) as a tensor into ``arena``."""
+    spec, start = plan.specs[i], plan.offsets[i]
+    return arena.bytes[start : start + plan.sizes[i]].view(FROM_SAFETENSORS[spec.dtype]).view(spec.shape)
 
 
 def copy_pairs(arena: Arena, plan: Plan, flat: Flat) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(destination view in the arena, source tensor) for every stored tensor."""
+    """(destination view in the arena, source tensor) for every stored tensor, for device copies;
+    the views are made once per arena and plan."""
     if arena.views_key is not plan:
-        arena.views = [
-            arena.bytes[shard.offset + p.start : shard.offset + p.end]
-            .view(FROM_SAFETENSORS[p.spec.dtype])
-            .view(p.spec.shape)
-            for comp in plan.layout.components
-            for shard in comp.shards
-            for p in shard.tensors
-        ]
+        arena.views = [view(arena, plan, i) for i in range(len(plan.order))]
         arena.views_key = plan
     tensors = [c.tensors for c in flat.components]
     return [(dst, tensors[ci][ti][1]) for dst, (ci, ti) in zip(arena.views, plan.order, strict=True)]

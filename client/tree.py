@@ -41,6 +41,8 @@ _Key = tuple[int, torch.Size, tuple[int, ...], torch.dtype]
 class Component:
     name: str
     tensors: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # unique, in order
+    #: Each stored tensor's ``data_ptr()`` when flattened (parallel to ``tensors``).
+    ptrs: list[int] = field(default_factory=list)
     aliases: dict[str, str] = field(default_factory=dict)
     #: The first stored tensor at each data pointer (the very ``tensors`` entry).
     _first: dict[int, tuple[str, torch.Tensor]] = field(default_factory=dict)
@@ -48,8 +50,9 @@ class Component:
     _seen: dict[_Key, str] = field(default_factory=dict)
     _names: set[str] = field(default_factory=set)
     prefer_dropped: frozenset[str] = frozenset()
-    #: Whether any tensor added is on a CUDA device.
+    #: Whether any tensor added is on a CUDA device; whether all are in host memory.
     cuda: bool = False
+    host: bool = True
 
     def add(self, name: str, t: torch.Tensor) -> None:
         # Runs once per tensor per snapshot: only cheap attribute reads on the common path.
@@ -63,11 +66,12 @@ class Component:
         else:
             entry = (name, t)
             self.tensors.append(entry)
+            self.ptrs.append(ptr)
             self._first[ptr] = entry
 
     def add_all(self, items: Iterable[tuple[str, torch.Tensor]]) -> None:
         """``add`` each ``(name, tensor)`` in order (a state dict's items)."""
-        names, first, tensors, ok = self._names, self._first, self.tensors, TO_SAFETENSORS
+        names, first, tensors, ptrs, ok = self._names, self._first, self.tensors, self.ptrs, TO_SAFETENSORS
         for name, t in items:
             if name in names or not t.is_cpu or t.dtype not in ok:
                 self._check(name, t)
@@ -78,6 +82,7 @@ class Component:
             else:
                 entry = (name, t)
                 tensors.append(entry)
+                ptrs.append(ptr)
                 first[ptr] = entry
 
     def _check(self, name: str, t: torch.Tensor) -> None:
@@ -97,6 +102,8 @@ class Component:
             safetensors_dtype(t.dtype, name)  # raises with the reason
         if t.is_cuda:
             self.cuda = True
+        if not t.is_cpu:
+            self.host = False
 
     def _collide(self, ptr: int, name: str, t: torch.Tensor) -> None:
         """A tensor starting where an earlier one does: an alias iff it has the same shape, strides
@@ -109,6 +116,7 @@ class Component:
             return
         self._seen[key] = name
         self.tensors.append((name, t))
+        self.ptrs.append(ptr)
 
     def finish(self) -> None:
         """Keep the name Hugging Face keeps for tied weights (not the one it declares tied)."""
@@ -128,6 +136,7 @@ class Flat:
     tree: JsonValue
     files: dict[str, str]
     cuda: bool
+    host: bool = True  # every tensor is in host memory (its data_ptr() is a CPU address)
 
     def signature(self) -> tuple[object, ...]:
         return tuple(
@@ -206,7 +215,9 @@ def _flatten(obj: object) -> Flat:
         comp.finish()
         if comp.tensors or comp.aliases:
             components.append(comp)
-    return Flat(components, {"$dict": nodes}, files, any(c.cuda for c in components))
+    return Flat(
+        components, {"$dict": nodes}, files, any(c.cuda for c in components), all(c.host for c in components)
+    )
 
 
 def _is_state_dict(value: object) -> TypeGuard[Mapping[str, torch.Tensor]]:

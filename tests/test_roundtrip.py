@@ -85,6 +85,37 @@ def test_state_dict_round_trip(client: Client) -> None:
     _assert_states_equal(state, ckptd.load(info.path)["model"])
 
 
+def test_every_host_copy_path_stores_the_values(client: Client) -> None:
+    """Small contiguous tensors are copied with a raw memmove, the rest by torch: strided,
+    broadcast, lazily negated or conjugated, large, empty and offset views all arrive intact, also
+    when the second snapshot reuses the first one's plan."""
+    base = torch.randn(64)
+    state = {
+        "small": torch.randn(7, 5),
+        "bf16": torch.randn(3, 9).to(torch.bfloat16),
+        "bool": torch.tensor([True, False, True]),
+        "offset": base[13:29].view(4, 4),  # contiguous, into the middle of a storage
+        "strided": torch.randn(6, 8).t(),
+        "broadcast": torch.randn(1, 4).expand(3, 4),
+        "negated": torch._neg_view(torch.randn(5)),  # contiguous, with a lazy negation bit
+        "conjugated": torch.randn(3, dtype=torch.complex64).conj(),
+        "large": torch.randn(600_000),  # above the raw-copy size
+        "empty": torch.zeros(0, 3),
+    }
+    assert state["negated"].is_neg() and state["negated"].is_contiguous()
+    for step in (1, 2):
+        if step == 2:
+            with torch.no_grad():
+                for t in (state["small"], state["large"], base):
+                    t.add_(1)
+        expected = {k: v.resolve_neg().resolve_conj().contiguous().clone() for k, v in state.items()}
+        info = _commit(client, state, step=step)
+        shards = sorted(info.path.glob("model-*.safetensors"))
+        loaded = {k: v for s in shards for k, v in load_file(s).items()}
+        _assert_states_equal(expected, {k: loaded[k] for k in expected})
+        _assert_states_equal(expected, ckptd.load(info.path)["model"])
+
+
 @pytest.mark.parametrize(
     ("opt_cls", "kw"),
     [(torch.optim.AdamW, {"lr": 1e-2, "betas": (0.8, 0.9)}), (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9})],
