@@ -45,6 +45,13 @@ def main(argv: list[str] | None = None, storage: Storage | None = None) -> int:
     )
     serve.add_argument("--budget", default="4GiB", help="bytes of snapshots written at once (default 4GiB)")
     serve.add_argument("--drain-timeout", type=float, default=600.0, help="seconds to drain on SIGTERM")
+    serve.add_argument(
+        "--stage-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a streamed snapshot may go without its client copying more before it is "
+        "discarded (default 60)",
+    )
     serve.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     serve.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port")
     serve.add_argument("--log-file", type=Path, default=None, help="log here instead of stderr")
@@ -78,6 +85,8 @@ def _serve(args: argparse.Namespace, storage: Storage | None) -> int:
     try:
         socket_path = args.socket or _default_socket()
         root = (args.root or Path(os.environ.get("CKPTD_ROOT") or "checkpoints")).absolute()
+        if not args.stage_timeout > 0:
+            raise ValueError(f"--stage-timeout must be positive seconds, got {args.stage_timeout}")
         options = DaemonOptions(
             root=root,
             socket_path=socket_path.absolute(),
@@ -88,6 +97,7 @@ def _serve(args: argparse.Namespace, storage: Storage | None) -> int:
             keep_last=args.keep_last,
             budget_bytes=parse_size(args.budget),
             drain_timeout_s=args.drain_timeout,
+            stage_timeout_s=args.stage_timeout,
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
         )

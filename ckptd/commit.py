@@ -19,6 +19,7 @@ import logging
 import mmap
 import secrets
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +85,13 @@ def write_file(storage: Storage, path: Path, data: bytes) -> FileRecord:
 
 
 def write_shard(
-    storage: Storage, path: Path, header: bytes, data: memoryview, *, direct: bool = False
+    storage: Storage,
+    path: Path,
+    header: bytes,
+    data: memoryview,
+    *,
+    direct: bool = False,
+    ready: Callable[[int], None] | None = None,
 ) -> FileRecord:
     """Write header then data through this thread's chunk buffer and fsync.
 
@@ -96,7 +103,8 @@ def write_shard(
     file is written with ``O_DIRECT`` instead (the buffer is page-aligned and every chunk but the
     tail a multiple of ``DIRECT_ALIGN``): about half the CPU, no page cache, and on the
     development VM a slower device; where the filesystem refuses ``O_DIRECT`` the same loop
-    writes buffered.
+    writes buffered. ``ready(end)``, when given, is called before ``data[:end]`` is first read
+    and blocks until the client has copied that far (a streamed snapshot).
     """
     h = checksum.new()
     fd = storage.create(path)
@@ -105,10 +113,12 @@ def write_shard(
         size = _DIRECT_CHUNK_BYTES if writer.direct else _CHUNK_BYTES
         buf = _chunk_buffer()[:size]
         fill = 0
-        for src in (memoryview(header), data):
+        for src, wait in ((memoryview(header), None), (data, ready)):
             start = 0
             while start < len(src):
                 n = min(len(src) - start, size - fill)
+                if wait is not None:
+                    wait(start + n)
                 buf[fill : fill + n] = src[start : start + n]
                 fill += n
                 start += n

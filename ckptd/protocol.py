@@ -5,9 +5,15 @@ message is a frozen pydantic model with a ``kind`` tag, validated strictly (``ex
 Tensor bytes never travel here: they sit in memfd arenas whose descriptors are passed once, with
 the ``RegisterArena`` frame, as SCM_RIGHTS ancillary data. Nothing is pickled.
 
-Client → daemon: Hello, RegisterArena (+ fd), RegisterLayout, Snapshot, ReleaseArena, StatusRequest.
+Client → daemon: Hello, RegisterArena (+ fd), RegisterLayout, Snapshot, Staged, Abandon,
+ReleaseArena, StatusRequest.
 Daemon → client: Welcome, Accepted, Progress, Committed, Failed, StatusReply.
 A snapshot's slot in its arena is free again once its Committed or Failed arrives.
+
+A large snapshot is streamed: its ``Snapshot`` is sent before its tensors are copied, with
+``ready`` 0, and ``Staged`` frames then say how far into the slot the copy has got, so the daemon
+writes the first shards while the rest is still being copied. It commits only once ``ready``
+covers every shard; a connection that closes first, or an ``Abandon``, discards the snapshot.
 
 The layout of a snapshot (components, shards, tensor names, dtypes, shapes, offsets) is the same
 from one snapshot to the next while the model does not change, and with 20,000 tensors it is most
@@ -24,7 +30,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 #: Largest frame either side accepts; a 20,000-tensor snapshot request is a few MB.
 MAX_FRAME_BYTES = 64 * 2**20
 _LEN = struct.Struct(">I")
@@ -97,6 +103,22 @@ class Snapshot(Message):
     files: dict[str, str] = {}  # small text files, e.g. config.json
     rank: int = 0
     world_size: int = 1
+    ready: int | None = None  # bytes of the slot already copied (streamed); None: all of it
+
+
+class Staged(Message):
+    """The first ``ready`` bytes of snapshot ``id``'s slot are copied (they only grow)."""
+
+    kind: Literal["staged"] = "staged"
+    id: int
+    ready: int
+
+
+class Abandon(Message):
+    """The client could not finish copying snapshot ``id``: discard it."""
+
+    kind: Literal["abandon"] = "abandon"
+    id: int
 
 
 class StatusRequest(Message):
@@ -104,7 +126,7 @@ class StatusRequest(Message):
 
 
 ClientMessage = Annotated[
-    Hello | RegisterArena | RegisterLayout | ReleaseArena | Snapshot | StatusRequest,
+    Hello | RegisterArena | RegisterLayout | ReleaseArena | Snapshot | Staged | Abandon | StatusRequest,
     Field(discriminator="kind"),
 ]
 
@@ -211,22 +233,22 @@ def encode_snapshot(  # noqa: PLR0917 - the fields of one frame
     layout: int,
     tree: JsonValue,
     files: dict[str, str],
+    ready: int | None = None,
 ) -> bytes:
-    """A ``Snapshot`` frame naming a registered layout."""
-    body = json.dumps(
-        {
-            "kind": "snapshot",
-            "id": snapshot_id,
-            "run": run,
-            "step": step,
-            "arena": arena,
-            "layout": layout,
-            "tree": tree,
-            "files": files,
-        },
-        allow_nan=False,
-        separators=(",", ":"),
-    ).encode()
+    """A ``Snapshot`` frame naming a registered layout (streamed when ``ready`` is given)."""
+    fields: dict[str, object] = {
+        "kind": "snapshot",
+        "id": snapshot_id,
+        "run": run,
+        "step": step,
+        "arena": arena,
+        "layout": layout,
+        "tree": tree,
+        "files": files,
+    }
+    if ready is not None:
+        fields["ready"] = ready
+    body = json.dumps(fields, allow_nan=False, separators=(",", ":")).encode()
     return _frame(body, "snapshot request")
 
 

@@ -23,14 +23,17 @@ from pydantic import JsonValue
 
 from ckptd import paths
 from ckptd.protocol import (
+    Abandon,
     Committed,
     DaemonMessage,
     Failed,
     ProtocolError,
     RegisterArena,
     ReleaseArena,
+    Staged,
     StatusReply,
     StatusRequest,
+    encode,
     encode_register_layout,
     encode_snapshot,
 )
@@ -70,9 +73,9 @@ class _Request:
     tree: JsonValue
     files: dict[str, str]
 
-    def frame(self, snapshot_id: int) -> bytes:
+    def frame(self, snapshot_id: int, ready: int | None = None) -> bytes:
         return encode_snapshot(
-            snapshot_id, self.run, self.step, self.arena.id, self.plan.layout_id, self.tree, self.files
+            snapshot_id, self.run, self.step, self.arena.id, self.plan.layout_id, self.tree, self.files, ready
         )
 
 
@@ -239,6 +242,10 @@ class Client:
             self._handles.append(handle)
         if flat.cuda:
             event = self._cuda.copy(request.arena, copy_pairs(request.arena, request.plan, flat))
+        elif flat.host and len(request.plan.batches) > 1:
+            self._stream(entry, flat)
+            handle.stall_s = now() - started
+            return
         elif flat.host:
             copy_host(request.arena, request.plan, flat)
             handle._set_staged()
@@ -251,6 +258,34 @@ class Client:
             self._cuda.after(event, lambda error: self._sent_after_copy(entry, error))
         else:
             self._send(entry)
+
+    def _stream(self, entry: _InFlight, flat: Flat) -> None:
+        """Send the request first, then copy batch by batch, telling the daemon after each how
+        far the copy has got, so it writes while the rest is copied. If the connection goes, the
+        copy still finishes (the slot then holds the whole snapshot for ``resubmit()``)."""
+        request, handle, channel = entry.request, entry.handle, entry.channel
+        lost = self._try_send(channel, request.frame(handle.id, ready=0))
+        try:
+            for start, stop, ready in request.plan.batches:
+                copy_host(request.arena, request.plan, flat, start, stop)
+                if lost is None:
+                    lost = self._try_send(channel, encode(Staged(id=handle.id, ready=ready)))
+        except BaseException:
+            if lost is None:
+                self._try_send(channel, encode(Abandon(id=handle.id)))
+            raise
+        handle._set_staged()
+        if lost is not None:
+            self._lose([entry], lost)
+
+    @staticmethod
+    def _try_send(channel: Channel, frame: bytes) -> str | None:
+        """Send ``frame``; the reason it could not be sent, or None."""
+        try:
+            channel.send_bytes(frame)
+        except CheckpointError as e:
+            return str(e)
+        return None
 
     def _sent_after_copy(self, entry: _InFlight, error: BaseException | None) -> None:
         entry.handle._set_staged()

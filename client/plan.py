@@ -31,6 +31,9 @@ _layout_ids = itertools.count(1)
 RAW_COPY_MAX = 1 << 20
 #: Dtypes whose tensors may carry a lazy conjugate bit: always copied by torch.
 _LAZY_BITS = frozenset({"C64"})
+#: A host snapshot of more than one batch is streamed: the daemon is told after each batch of
+#: tensors (in slot order) how far the copy has got, and writes what is copied meanwhile.
+STREAM_BATCH_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class Plan:
     sizes: tuple[int, ...]  # bytes of each placement
     raw: tuple[bool, ...]  # whether a contiguous host source may be copied with a plain memmove
     specs: tuple[layout_mod.TensorSpec, ...]  # of each placement
+    #: (first placement, placement after the last, slot bytes copied after it), in slot order
+    batches: tuple[tuple[int, int, int], ...]
 
 
 def signature(flat: Flat, max_shard_size: int) -> tuple[object, ...]:
@@ -108,7 +113,19 @@ def make_plan(flat: Flat, max_shard_size: int) -> Plan:
             0 < p.end - p.start <= RAW_COPY_MAX and p.spec.dtype not in _LAZY_BITS for _, p in placements
         ),
         specs=tuple(p.spec for _, p in placements),
+        batches=_batches([base + p.end for base, p in placements], [p.end - p.start for _, p in placements]),
     )
+
+
+def _batches(ends: list[int], sizes: list[int]) -> tuple[tuple[int, int, int], ...]:
+    """Consecutive placements of about ``STREAM_BATCH_BYTES`` each (a larger tensor alone)."""
+    out, start, nbytes = [], 0, 0
+    for i, size in enumerate(sizes):
+        nbytes += size
+        if nbytes >= STREAM_BATCH_BYTES or i == len(sizes) - 1:
+            out.append((start, i + 1, ends[i]))
+            start, nbytes = i + 1, 0
+    return tuple(out)
 
 
 def view(arena: Arena, plan: Plan, i: int) -> torch.Tensor:

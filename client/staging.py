@@ -15,7 +15,6 @@ copy's event and then runs the send, so the caller never waits for the device.
 from __future__ import annotations
 
 import ctypes
-import itertools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -41,14 +40,22 @@ def _memmove_holding_gil() -> Callable[[int, int, int], None]:
 _memmove = _memmove_holding_gil()
 
 
-def copy_host(arena: Arena, plan: Plan, flat: Flat) -> None:
-    """Copy every tensor of ``flat`` (all in host memory) to its place in ``arena``."""
+def copy_host(arena: Arena, plan: Plan, flat: Flat, start: int = 0, stop: int | None = None) -> None:
+    """Copy the tensors of ``flat`` (all in host memory) placed ``start:stop`` (slot order) to
+    their places in ``arena``."""
     tensors = [c.tensors for c in flat.components]
     ptrs = [c.ptrs for c in flat.components]
     base, move = arena.address, _memmove
     rest: list[int] = []
+    stop = len(plan.order) if stop is None else stop
+    part = slice(start, stop)
     for i, (ci, ti), raw, offset, size in zip(
-        itertools.count(), plan.order, plan.raw, plan.offsets, plan.sizes, strict=False
+        range(start, stop),
+        plan.order[part],
+        plan.raw[part],
+        plan.offsets[part],
+        plan.sizes[part],
+        strict=True,
     ):
         t = tensors[ci][ti][1]
         # Its dtype and shape match the plan (the signature was checked in this call), so a

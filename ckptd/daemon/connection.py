@@ -22,7 +22,9 @@ from ckptd.daemon.pipeline import Job
 from ckptd.daemon.validate import InvalidRequest, check_snapshot
 from ckptd.protocol import (
     PROTOCOL_VERSION,
+    Abandon,
     Accepted,
+    ClientMessage,
     Failed,
     FrameReader,
     Hello,
@@ -32,6 +34,7 @@ from ckptd.protocol import (
     RegisterLayout,
     ReleaseArena,
     Snapshot,
+    Staged,
     StatusRequest,
     decode_client,
     encode,
@@ -62,6 +65,8 @@ class Connection:
         self.arenas: dict[int, Arena] = {}
         # A layout that failed its checks is kept as the reason its snapshots fail.
         self.layouts: dict[int, PreparedLayout | str] = {}
+        # Streamed snapshots of this connection not yet copied whole, by id.
+        self.streaming: dict[int, Job] = {}
         self._out: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._queued = 0
         self._hello = False
@@ -124,9 +129,7 @@ class Connection:
         if self._fds and not self._frames.pending_bytes:  # a descriptor that came with another frame
             self._refuse("bad_frame", "a descriptor arrived without a register_arena frame")
 
-    def _dispatch(
-        self, msg: Hello | RegisterArena | RegisterLayout | ReleaseArena | Snapshot | StatusRequest
-    ) -> None:
+    def _dispatch(self, msg: ClientMessage) -> None:
         if not self._hello and not isinstance(msg, Hello):
             self._refuse("bad_frame", f"first message must be hello, got {msg.kind}")
             return
@@ -143,6 +146,12 @@ class Connection:
                     arena.release()
             case Snapshot():
                 self._on_snapshot(msg)
+            case Staged():
+                self._on_staged(msg)
+            case Abandon():
+                job = self.streaming.pop(msg.id, None)
+                if job is not None:
+                    job.abandon("its client abandoned it")
             case StatusRequest():
                 self.send(self.daemon.status())
 
@@ -211,13 +220,28 @@ class Connection:
             check_snapshot(msg, layout.components, arena.size)
             if self.daemon.pipeline.busy(msg.run, msg.step):
                 raise InvalidRequest(f"step {msg.step} of run {msg.run!r} is already being written")
+            if msg.ready is not None and (msg.ready < 0 or msg.id in self.streaming):
+                raise InvalidRequest(
+                    f"snapshot {msg.id}: ready must be >= 0 and its id not already streaming"
+                )
         except InvalidRequest as e:
             self.send(Failed(id=msg.id, code="invalid_request", message=str(e)))
             return
         self.send(Accepted(id=msg.id))
-        self.daemon.pipeline.submit(
-            Job(request=msg, layout=layout, arena=arena, reply=self.send, nbytes=layout.nbytes)
-        )
+        job = Job(request=msg, layout=layout, arena=arena, reply=self.send, nbytes=layout.nbytes)
+        if not job.complete:
+            self.streaming[msg.id] = job
+        self.daemon.pipeline.submit(job)
+
+    def _on_staged(self, msg: Staged) -> None:
+        """More of a streamed snapshot is copied. One that is unknown (refused, already whole or
+        failed) is ignored: its outcome was or will be reported."""
+        job = self.streaming.get(msg.id)
+        if job is None:
+            return
+        job.stage_more(msg.ready)
+        if job.complete or job.abandoned is not None:
+            del self.streaming[msg.id]
 
     def _refuse(self, code: str, message: str) -> None:
         log.warning("client pid %s: %s: %s; disconnecting", self.peer_pid, code, message)
@@ -231,6 +255,9 @@ class Connection:
         self._out.put_nowait(None)
         self.closed = True
         self._loop.remove_reader(self._sock.fileno())
+        for job in self.streaming.values():
+            job.abandon("its client disconnected before it finished copying")
+        self.streaming.clear()
         for arena in self.arenas.values():
             arena.release()
         self.arenas.clear()

@@ -29,6 +29,7 @@ class PreparedLayout:
     indexes: tuple[bytes, ...]  # ``<component>.safetensors.index.json`` text, per component
     nbytes: int  # tensor bytes a snapshot of this layout writes
     tensors: int  # tensor entries, for the per-connection limit
+    end: int  # where the last shard's data ends in the slot: a streamed snapshot is whole there
 
 
 def prepare(components: Sequence[ComponentEntry]) -> PreparedLayout:
@@ -44,7 +45,10 @@ def prepare(components: Sequence[ComponentEntry]) -> PreparedLayout:
         )
         for c in components
     )
-    return PreparedLayout(tuple(components), headers, tuple(_index(c) for c in components), nbytes, tensors)
+    end = max((s.offset + s.nbytes for c in components for s in c.shards), default=0)
+    return PreparedLayout(
+        tuple(components), headers, tuple(_index(c) for c in components), nbytes, tensors, end
+    )
 
 
 def _index(c: ComponentEntry) -> bytes:

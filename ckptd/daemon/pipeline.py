@@ -32,6 +32,11 @@ from ckptd.storage import Storage
 log = logging.getLogger(__name__)
 
 
+#: A streamed snapshot whose client copies nothing for this long is abandoned (a copy moves
+#: gigabytes per second; this frees the writer threads a hung client would hold).
+STAGE_TIMEOUT_S = 60.0
+
+
 @dataclass(frozen=True)
 class PipelineOptions:
     """How the daemon writes. Sizes in bytes."""
@@ -42,6 +47,11 @@ class PipelineOptions:
     writer_nice: int = 10  # niceness added to the writer threads: training keeps the CPU it needs
     budget_bytes: int = 4 * 2**30  # bytes of snapshots being written at once
     keep_last: int = 0  # committed steps kept per run; 0 keeps all
+    stage_timeout_s: float = STAGE_TIMEOUT_S  # a streamed snapshot's longest pause between copies
+
+
+class Abandoned(RuntimeError):
+    """A streamed snapshot whose client stopped before it finished copying."""
 
 
 @dataclass
@@ -56,10 +66,53 @@ class Job:
     started: float = field(default_factory=time.monotonic)
     timings: dict[str, float] = field(default_factory=dict)
     checksums: dict[str, str] = field(default_factory=dict)
+    #: Bytes at the start of the slot that the client has copied (all of it unless streamed).
+    ready: int = -1
+    abandoned: str | None = None
+    stage_timeout_s: float = STAGE_TIMEOUT_S
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def __post_init__(self) -> None:
+        if self.ready < 0:
+            self.ready = self.layout.end if self.request.ready is None else self.request.ready
+
+    @property
+    def complete(self) -> bool:
+        return self.ready >= self.layout.end
 
     def mark(self, stage: str) -> None:
         self.stage = stage
         self.timings[f"{stage}_s"] = round(time.monotonic() - self.started, 6)
+
+    def stage_more(self, ready: int) -> None:
+        """The client copied the slot up to ``ready`` (event loop)."""
+        with self._cond:
+            if ready > self.ready and self.abandoned is None:
+                self.ready = ready
+                if self.complete:
+                    self.timings["staged_s"] = round(time.monotonic() - self.started, 6)
+                self._cond.notify_all()
+
+    def abandon(self, reason: str) -> None:
+        """Discard a streamed snapshot that is not complete (event loop)."""
+        with self._cond:
+            if not self.complete:
+                self.abandoned = reason
+                self._cond.notify_all()
+
+    def wait_ready(self, end: int) -> None:
+        """Block a writer until the slot is copied up to ``end``; raise if it never will be (the
+        snapshot was abandoned, or its client copied nothing for ``stage_timeout_s``)."""
+        if self.ready >= end:
+            return
+        with self._cond:
+            while self.ready < end and self.abandoned is None:
+                before = self.ready
+                if not self._cond.wait(self.stage_timeout_s) and self.ready == before:
+                    self.abandoned = f"its client copied nothing for {self.stage_timeout_s:g} s"
+                    self._cond.notify_all()
+            if self.ready < end:
+                raise Abandoned(f"step {self.request.step} of run {self.request.run!r}: {self.abandoned}")
 
 
 class ByteBudget:
@@ -109,6 +162,7 @@ class Pipeline:
 
     def submit(self, job: Job) -> None:
         key = (job.request.run, job.request.step)
+        job.stage_timeout_s = self.options.stage_timeout_s
         self._jobs[key] = job
         job.arena.acquire()
         prev = self._tails.get(job.request.run)
@@ -221,7 +275,9 @@ class Pipeline:
             for i, (shard, header) in enumerate(zip(c.shards, headers, strict=True)):
                 data = job.arena.view(shard.offset, shard.nbytes)
                 path = staged.temp_dir / shard_filename(c.name, i, n)
-                futures.append(loop.run_in_executor(self._pool, self._write_one, job, path, header, data))
+                futures.append(
+                    loop.run_in_executor(self._pool, self._write_one, job, path, header, data, shard.offset)
+                )
         results = await asyncio.gather(*futures, return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException):
@@ -242,10 +298,13 @@ class Pipeline:
             )
         return out
 
-    def _write_one(self, job: Job, path: Path, header: bytes, data: memoryview) -> FileRecord:
+    def _write_one(self, job: Job, path: Path, header: bytes, data: memoryview, offset: int) -> FileRecord:
         nbytes = len(data)
+        ready = None if job.complete else lambda end: job.wait_ready(offset + end)
         with data:
-            record = commit.write_shard(self.storage, path, header, data, direct=self.options.direct_io)
+            record = commit.write_shard(
+                self.storage, path, header, data, direct=self.options.direct_io, ready=ready
+            )
         job.bytes_written += nbytes
         return record
 
@@ -317,5 +376,7 @@ def _failure(snapshot_id: int, run: str, step: int, e: BaseException) -> Failed:
             errno=e.errno,
             message=f"writing {where} failed: [{name}] {e.strerror}{target}; older checkpoints are intact",
         )
+    if isinstance(e, Abandoned):
+        return Failed(id=snapshot_id, code="abandoned", message=f"{e}; discarded, nothing was committed")
     code = "commit_error" if isinstance(e, commit.CommitError) else "internal_error"
     return Failed(id=snapshot_id, code=code, message=f"{where}: {e}")

@@ -28,7 +28,7 @@ from ckptd import commit
 from ckptd.daemon.connection import MAX_ARENAS, MAX_CONNECTIONS, Connection
 from ckptd.daemon.metrics import Metrics, serve_metrics
 from ckptd.daemon.notify import Notifier
-from ckptd.daemon.pipeline import Pipeline, PipelineOptions
+from ckptd.daemon.pipeline import STAGE_TIMEOUT_S, Pipeline, PipelineOptions
 from ckptd.protocol import PROTOCOL_VERSION, StatusReply, Welcome
 from ckptd.storage import Storage
 
@@ -49,6 +49,7 @@ class DaemonOptions:
     keep_last: int = 0
     budget_bytes: int = 4 * 2**30
     drain_timeout_s: float = 600.0
+    stage_timeout_s: float = STAGE_TIMEOUT_S
     metrics_port: int | None = None  # serve Prometheus metrics on this TCP port
     metrics_host: str = "127.0.0.1"
 
@@ -71,6 +72,7 @@ class Daemon:
                 writer_nice=options.writer_nice,
                 budget_bytes=options.budget_bytes,
                 keep_last=options.keep_last,
+                stage_timeout_s=options.stage_timeout_s,
             ),
             self.storage,
             self.metrics,
