@@ -60,6 +60,10 @@ class ClientOptions:
     slots: int = 2  # arenas, each holding one snapshot in flight
     connect_timeout_s: float = 60.0  # includes starting a daemon
     daemon_args: tuple[str, ...] = ()  # extra `ckptd serve` arguments when autostarting
+    # Hand a host snapshot over 64 MiB to the daemon while copying it, so it is durable about a
+    # copy sooner; the daemon then competes with the copy (on 2 cores: stall +13 % at 1 GB).
+    # `python -m bench.handoff` measures both on a machine.
+    stream: bool = False
 
 
 @dataclass(frozen=True)
@@ -242,7 +246,7 @@ class Client:
             self._handles.append(handle)
         if flat.cuda:
             event = self._cuda.copy(request.arena, copy_pairs(request.arena, request.plan, flat))
-        elif flat.host and len(request.plan.batches) > 1:
+        elif flat.host and self.options.stream and len(request.plan.batches) > 1:
             self._stream(entry, flat)
             handle.stall_s = now() - started
             return

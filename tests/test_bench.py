@@ -73,3 +73,19 @@ def test_write_path_benchmark_runs_every_mode(tmp_path: Path) -> None:
     for mode in ("write-behind", "buffered+fsync", "direct"):
         assert f"{mode} " in summary and "GB/s" in summary, done.stdout
     assert list(tmp_path.iterdir()) == [], "the benchmark removes what it wrote"
+
+
+def test_handoff_benchmark_compares_streamed_and_whole(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.handoff", "--gb", "0.15", "--rounds", "1", "--dir", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = done.stdout.split("median (range)")[1]
+    for mode in ("streamed", "whole"):
+        assert f"{mode} " in summary and "durable" in summary, done.stdout
+    assert list(tmp_path.iterdir()) == [], "the benchmark removes what it wrote"

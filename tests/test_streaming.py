@@ -1,7 +1,7 @@
 """Streamed snapshots: the daemon writes the first shards while the client still copies the rest.
 
-A host snapshot larger than one copy batch (``client.plan.STREAM_BATCH_BYTES``) is sent before
-it is copied; ``Staged`` frames move its copied watermark. What must hold: it commits only once
+With ``stream=True``, a host snapshot larger than one copy batch (``client.plan.STREAM_BATCH_BYTES``)
+is sent before it is copied; ``Staged`` frames move its copied watermark. What must hold: it commits only once
 whole and loads bit-exact; a client that stops copying (fails, is killed, abandons, or goes
 silent past ``--stage-timeout``) leaves nothing visible and the daemon serving.
 """
@@ -59,7 +59,7 @@ def leftovers(root: Path) -> list[Path]:
 def test_a_large_snapshot_is_streamed_and_loads_bit_exact(
     daemon: DaemonProc, connect: Callable[..., Client]
 ) -> None:
-    c = connect(daemon, max_shard_size="100MB")  # several shards, written while later ones copy
+    c = connect(daemon, max_shard_size="100MB", stream=True)  # shards written while later ones copy
     state = big_state(1)
     for step in (1, 2):  # the second reuses the first one's plan
         if step == 2:
@@ -70,6 +70,8 @@ def test_a_large_snapshot_is_streamed_and_loads_bit_exact(
         info = c.snapshot(state, step=step).wait(120)
         assert info is not None
         assert "staged_s" in info.timings, "the daemon saw the copy arrive in parts"
+        plain = connect(daemon, run="plain", max_shard_size="100MB").snapshot(state, step=step).wait(120)
+        assert plain is not None and "staged_s" not in plain.timings, "whole unless asked"
         assert info.timings["staged_s"] <= info.timings["committed_s"]
         assert len(list(info.path.glob("model-*.safetensors"))) > 1
         assert_same(want, loaded(info.path))
@@ -79,7 +81,7 @@ def test_a_large_snapshot_is_streamed_and_loads_bit_exact(
 def test_a_copy_that_fails_midway_commits_nothing_and_the_step_can_be_retried(
     daemon: DaemonProc, connect: Callable[..., Client], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    c = connect(daemon)
+    c = connect(daemon, stream=True)
     real_copy = client_mod.copy_host
     batches: list[int] = []
 
@@ -118,7 +120,7 @@ TRAINER = textwrap.dedent(
             os._exit(3)  # the trainer dies with half its snapshot copied
         real_copy(*args, **kwargs)
     client_mod.copy_host = dying_copy
-    c = Client.connect(sys.argv[1], autostart=False)
+    c = Client.connect(sys.argv[1], autostart=False, stream=True)
     n = STREAM_BATCH_BYTES // 4 // 2
     c.snapshot({f"w{i}": torch.ones(n) for i in range(6)}, step=1)
     sys.exit("the snapshot returned")
