@@ -25,7 +25,7 @@ def round_up(n: int, align: int = ALIGN) -> int:
     return (n + align - 1) // align * align
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorSpec:
     """One tensor to place: its name in the component, safetensors dtype and shape."""
 
@@ -38,7 +38,7 @@ class TensorSpec:
         return numel(self.shape) * itemsize(self.dtype)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorPlacement:
     """A tensor's place in its shard: ``[start, end)`` relative to the shard's data section."""
 
@@ -47,7 +47,7 @@ class TensorPlacement:
     end: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ShardLayout:
     """One shard file: its data section at ``offset`` of the arena slot, ``nbytes`` long."""
 
@@ -56,7 +56,7 @@ class ShardLayout:
     tensors: tuple[TensorPlacement, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ComponentLayout:
     """The shards of one component (``model``, ``optimizer``, ...), in file order."""
 
@@ -71,7 +71,7 @@ class ComponentLayout:
         return shard_filename(self.name, index, len(self.shards))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Layout:
     """Where a whole snapshot lives in one arena slot of ``slot_bytes``."""
 

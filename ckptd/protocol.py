@@ -10,10 +10,12 @@ ReleaseArena, StatusRequest.
 Daemon → client: Welcome, Accepted, Progress, Committed, Failed, StatusReply.
 A snapshot's slot in its arena is free again once its Committed or Failed arrives.
 
-A large snapshot is streamed: its ``Snapshot`` is sent before its tensors are copied, with
-``ready`` 0, and ``Staged`` frames then say how far into the slot the copy has got, so the daemon
-writes the first shards while the rest is still being copied. It commits only once ``ready``
-covers every shard; a connection that closes first, or an ``Abandon``, discards the snapshot.
+A client may stream a large snapshot (``Client.connect(stream=True)``): its ``Snapshot`` is sent
+before its tensors are copied, with ``ready`` 0, and ``Staged`` frames then say how far into the
+slot the copy has got, so the daemon writes the first shards while the rest is still being
+copied. It commits only once ``ready`` covers every shard; a connection that closes first, an
+``Abandon``, or a copy not whole within ``--stage-timeout`` discards it. One streamed snapshot
+at a time per connection.
 
 The layout of a snapshot (components, shards, tensor names, dtypes, shapes, offsets) is the same
 from one snapshot to the next while the model does not change, and with 20,000 tensors it is most

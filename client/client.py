@@ -60,9 +60,9 @@ class ClientOptions:
     slots: int = 2  # arenas, each holding one snapshot in flight
     connect_timeout_s: float = 60.0  # includes starting a daemon
     daemon_args: tuple[str, ...] = ()  # extra `ckptd serve` arguments when autostarting
-    # Hand a host snapshot over 64 MiB to the daemon while copying it, so it is durable about a
-    # copy sooner; the daemon then competes with the copy (on 2 cores: stall +13 % at 1 GB).
-    # `python -m bench.handoff` measures both on a machine.
+    # Hand a host snapshot of more than one 64 MiB copy batch to the daemon while copying it, so
+    # its writing can start during the copy; the daemon then competes with the copy (on 2 cores:
+    # stall +17 % at 1 GB, +33 % at 3 GB, durable no sooner). `python -m bench.handoff` measures.
     stream: bool = False
 
 
@@ -218,12 +218,24 @@ class Client:
                 self._register(channel, arena, plan)
                 with paused_gc():
                     self._stage(handle, request, flat, channel, started)
-            except BaseException:
-                with self._lock:
-                    self._pending.pop(handle.id, None)
-                self._slots.free(arena)
+            except BaseException as e:
+                self._unstage(handle, arena, e)
                 raise
             return handle
+
+    def _unstage(self, handle: SnapshotHandle, arena: Arena, error: BaseException) -> None:
+        """``snapshot()`` raised while staging: the caller has the exception, not the handle.
+        The snapshot is never resubmitted (its slot may be half copied). Its slot is freed, unless
+        a daemon may still read it (a streamed request it holds, or a connection lost meanwhile):
+        then it stays quarantined until that daemon no longer lists the snapshot."""
+        with self._lock:
+            self._pending.pop(handle.id, None)
+            self._orphans = [o for o in self._orphans if o.handle.id != handle.id]
+            self._lock.notify_all()
+        handle._observed = True  # raised to the caller: not again by the next snapshot()
+        handle._fail(CheckpointError(f"snapshot() raised while copying: {error!r}", code="copy_error"))
+        if arena.quarantine is None:
+            self._slots.free(arena)
 
     def _plan_for(self, flat: Flat, channel: Channel) -> Plan:
         max_shard = parse_size(self.options.max_shard_size or channel.welcome.max_shard_size)
@@ -236,8 +248,10 @@ class Client:
     def _stage(
         self, handle: SnapshotHandle, request: _Request, flat: Flat, channel: Channel, started: float
     ) -> None:
+        streamed = flat.host and not flat.cuda and self.options.stream and len(request.plan.batches) > 1
         try:
             frame = request.frame(handle.id)
+            first = request.frame(handle.id, ready=0) if streamed else b""
         except ProtocolError as e:
             raise CheckpointError(f"snapshot request too large: {e}", code="too_large") from e
         entry = _InFlight(handle, request, frame, request.arena.generation, channel)
@@ -246,9 +260,8 @@ class Client:
             self._handles.append(handle)
         if flat.cuda:
             event = self._cuda.copy(request.arena, copy_pairs(request.arena, request.plan, flat))
-        elif flat.host and self.options.stream and len(request.plan.batches) > 1:
-            self._stream(entry, flat)
-            handle.stall_s = now() - started
+        elif streamed:
+            self._stream(entry, flat, first, started)
             return
         elif flat.host:
             copy_host(request.arena, request.plan, flat)
@@ -263,22 +276,29 @@ class Client:
         else:
             self._send(entry)
 
-    def _stream(self, entry: _InFlight, flat: Flat) -> None:
-        """Send the request first, then copy batch by batch, telling the daemon after each how
-        far the copy has got, so it writes while the rest is copied. If the connection goes, the
-        copy still finishes (the slot then holds the whole snapshot for ``resubmit()``)."""
+    def _stream(self, entry: _InFlight, flat: Flat, first: bytes, started: float) -> None:
+        """Send the request (``first``) before copying, then copy batch by batch, telling the
+        daemon after each how far the copy has got, so it writes while the rest is copied. If the
+        connection goes, the copy still finishes (the slot then holds the whole snapshot for
+        ``resubmit()``). If the copy raises, the daemon is told to abandon the snapshot and the
+        slot stays quarantined until the daemon no longer lists it."""
         request, handle, channel = entry.request, entry.handle, entry.channel
-        lost = self._try_send(channel, request.frame(handle.id, ready=0))
+        lost = self._try_send(channel, first)
         try:
-            for start, stop, ready in request.plan.batches:
+            last = len(request.plan.batches) - 1
+            for i, (start, stop, ready) in enumerate(request.plan.batches):
                 copy_host(request.arena, request.plan, flat, start, stop)
+                if i == last:
+                    handle._set_staged()
+                    handle.stall_s = now() - started  # before the last send: a commit may follow
                 if lost is None:
                     lost = self._try_send(channel, encode(Staged(id=handle.id, ready=ready)))
         except BaseException:
             if lost is None:
                 self._try_send(channel, encode(Abandon(id=handle.id)))
+                q = Quarantine(handle.run, handle.step, channel.welcome.instance, lambda: True)
+                self._slots.quarantine(request.arena, q)
             raise
-        handle._set_staged()
         if lost is not None:
             self._lose([entry], lost)
 

@@ -1,7 +1,7 @@
 """Copying a snapshot's tensors into its arena slot: host to host, or device to host on CUDA.
 
 Host to host, a small contiguous tensor is copied with one ``memmove`` from its ``data_ptr()``
-(recorded by ``flatten`` in the same call) to its place in the arena: no destination tensor is
+(read just before, with the GIL held through the copy) to its place in the arena: no destination tensor is
 made or kept per tensor, so 20,000 tensors cost no more than torch's own batched copy and keep no
 per-tensor views alive. Everything else (large, strided, lazily negated or conjugated tensors) is
 copied by torch into views made for it.
@@ -44,14 +44,14 @@ def copy_host(arena: Arena, plan: Plan, flat: Flat, start: int = 0, stop: int | 
     """Copy the tensors of ``flat`` (all in host memory) placed ``start:stop`` (slot order) to
     their places in ``arena``."""
     tensors = [c.tensors for c in flat.components]
-    ptrs = [c.ptrs for c in flat.components]
     base, move = arena.address, _memmove
     rest: list[int] = []
-    stop = len(plan.order) if stop is None else stop
+    stop = len(plan.comps) if stop is None else stop
     part = slice(start, stop)
-    for i, (ci, ti), raw, offset, size in zip(
+    for i, ci, ti, raw, offset, size in zip(
         range(start, stop),
-        plan.order[part],
+        plan.comps[part],
+        plan.tensors[part],
         plan.raw[part],
         plan.offsets[part],
         plan.sizes[part],
@@ -59,12 +59,13 @@ def copy_host(arena: Arena, plan: Plan, flat: Flat, start: int = 0, stop: int | 
     ):
         t = tensors[ci][ti][1]
         # Its dtype and shape match the plan (the signature was checked in this call), so a
-        # contiguous one without a lazy negation bit is exactly the plan's bytes at data_ptr().
-        if raw and t.is_contiguous() and not t.is_neg():
-            move(base + offset, ptrs[ci][ti], size)
+        # contiguous one without a lazy negation bit is exactly the plan's bytes at data_ptr()
+        # (0 for a tensor without storage, e.g. an efficient zero tensor: torch copies those).
+        if raw and t.is_contiguous() and not t.is_neg() and (ptr := t.data_ptr()):
+            move(base + offset, ptr, size)
         else:
             rest.append(i)
-    copy_pairs_host([(view(arena, plan, i), tensors[ci][ti][1]) for i in rest for ci, ti in (plan.order[i],)])
+    copy_pairs_host([(view(arena, plan, i), tensors[plan.comps[i]][plan.tensors[i]][1]) for i in rest])
 
 
 def copy_pairs_host(pairs: Pairs) -> None:

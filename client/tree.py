@@ -41,8 +41,6 @@ _Key = tuple[int, torch.Size, tuple[int, ...], torch.dtype]
 class Component:
     name: str
     tensors: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # unique, in order
-    #: Each stored tensor's ``data_ptr()`` when flattened (parallel to ``tensors``).
-    ptrs: list[int] = field(default_factory=list)
     aliases: dict[str, str] = field(default_factory=dict)
     #: The first stored tensor at each data pointer (the very ``tensors`` entry).
     _first: dict[int, tuple[str, torch.Tensor]] = field(default_factory=dict)
@@ -66,12 +64,11 @@ class Component:
         else:
             entry = (name, t)
             self.tensors.append(entry)
-            self.ptrs.append(ptr)
             self._first[ptr] = entry
 
     def add_all(self, items: Iterable[tuple[str, torch.Tensor]]) -> None:
         """``add`` each ``(name, tensor)`` in order (a state dict's items)."""
-        names, first, tensors, ptrs, ok = self._names, self._first, self.tensors, self.ptrs, TO_SAFETENSORS
+        names, first, tensors, ok = self._names, self._first, self.tensors, TO_SAFETENSORS
         for name, t in items:
             if name in names or not t.is_cpu or t.dtype not in ok:
                 self._check(name, t)
@@ -82,7 +79,6 @@ class Component:
             else:
                 entry = (name, t)
                 tensors.append(entry)
-                ptrs.append(ptr)
                 first[ptr] = entry
 
     def _check(self, name: str, t: torch.Tensor) -> None:
@@ -116,7 +112,6 @@ class Component:
             return
         self._seen[key] = name
         self.tensors.append((name, t))
-        self.ptrs.append(ptr)
 
     def finish(self) -> None:
         """Keep the name Hugging Face keeps for tied weights (not the one it declares tied)."""

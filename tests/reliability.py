@@ -34,6 +34,7 @@ FILES = [
     "tests/test_corruption.py",
     "tests/test_hostile.py",
     "tests/test_load.py",
+    "tests/test_streaming.py",
 ]
 
 
@@ -125,6 +126,16 @@ SCENARIOS = [
         "A run directory, step directories and LATEST as symlinks out of the root; symlinked "
         "leftovers at start-up. Nothing outside the root is written or swept.",
         r"test_hostile\.py::test_(symlinked|restart_does_not_sweep)",
+    ),
+    Scenario(
+        "Streamed snapshot that stops mid-copy",
+        "`stream=True` snapshots written while still being copied: the copy raises halfway "
+        "(Abandon), the trainer exits halfway, a raw client abandons, disconnects or goes silent "
+        "past `--stage-timeout`; nothing is visible, the temp directory is removed, the same "
+        "step commits afterwards. Also: nothing commits before the watermark covers every shard, "
+        "a watermark never moves back, frames about unknown snapshots are ignored, a negative one "
+        "is refused.",
+        r"test_streaming\.py::",
     ),
     Scenario(
         "Client scribbling on its arena during the write",

@@ -87,8 +87,8 @@ def test_state_dict_round_trip(client: Client) -> None:
 
 def test_every_host_copy_path_stores_the_values(client: Client) -> None:
     """Small contiguous tensors are copied with a raw memmove, the rest by torch: strided,
-    broadcast, lazily negated or conjugated, large, empty and offset views all arrive intact, also
-    when the second snapshot reuses the first one's plan."""
+    broadcast, lazily negated or conjugated, large, empty, storage-less and offset views all
+    arrive intact, also when the second snapshot reuses the first one's plan."""
     base = torch.randn(64)
     state = {
         "small": torch.randn(7, 5),
@@ -101,6 +101,7 @@ def test_every_host_copy_path_stores_the_values(client: Client) -> None:
         "conjugated": torch.randn(3, dtype=torch.complex64).conj(),
         "large": torch.randn(600_000),  # above the raw-copy size
         "empty": torch.zeros(0, 3),
+        "zero": torch._efficientzerotensor((6,)),  # no storage: data_ptr() is 0
     }
     assert state["negated"].is_neg() and state["negated"].is_contiguous()
     for step in (1, 2):

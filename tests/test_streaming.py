@@ -95,15 +95,14 @@ def test_a_copy_that_fails_midway_commits_nothing_and_the_step_can_be_retried(
     state = big_state(2)
     with pytest.raises(RuntimeError, match="injected"):
         c.snapshot(state, step=5)
-    idle(c)
-    assert step_dirs(daemon.root / "default") == []
-    assert leftovers(daemon.root) == []
-    assert "abandoned" in daemon.log_text()
-
     monkeypatch.setattr(client_mod, "copy_host", real_copy)
-    info = c.snapshot(state, step=5).wait(120)
+    info = c.snapshot(state, step=5).wait(120)  # at once: the abandoned attempt only unwinds
     assert info is not None
     assert_same(state, loaded(info.path))
+    idle(c)
+    assert step_dirs(daemon.root / "default") == ["step-000005"]
+    assert leftovers(daemon.root) == []
+    assert "abandoned" in daemon.log_text()
 
 
 TRAINER = textwrap.dedent(
@@ -176,7 +175,7 @@ def test_the_daemon_writes_only_what_is_staged_and_commits_once_whole(daemon: Da
     assert isinstance(m, Committed), m
 
 
-@pytest.mark.parametrize("how", ["abandon", "disconnect", "silence"])
+@pytest.mark.parametrize("how", ["abandon", "disconnect", "silence", "trickle"])
 def test_a_stream_that_stops_is_discarded(
     start_daemon: Callable[..., DaemonProc], connect: Callable[..., Client], how: str
 ) -> None:
@@ -189,12 +188,17 @@ def test_a_stream_that_stops_is_discarded(
         raw.msg(Abandon(id=1))
     elif how == "disconnect":
         raw.close()
+    elif how == "trickle":  # progress, but never whole: the timeout counts from acceptance
+        for ready in range(1, 8):
+            raw.msg(Staged(id=1, ready=ready))
+            time.sleep(0.2)
     if how != "disconnect":
         m = raw.until(lambda m: isinstance(m, Committed | Failed))
         assert isinstance(m, Failed) and m.code == "abandoned", m
         assert "nothing was committed" in m.message
-        if how == "silence":
+        if how in ("silence", "trickle"):
             assert time.monotonic() - started >= 0.9
+            assert "within 1 s" in m.message
     idle(connect(d))
     assert not (d.root / "r").exists() or step_dirs(d.root / "r") == []
     assert leftovers(d.root) == []
@@ -209,3 +213,16 @@ def test_a_negative_watermark_is_refused(daemon: DaemonProc) -> None:
     raw.msg(snapshot(id=1, step=1).model_copy(update={"ready": -1}))
     m = raw.until(lambda m: isinstance(m, Committed | Failed))
     assert isinstance(m, Failed) and m.code == "invalid_request" and "ready" in m.message, m
+
+
+def test_one_stream_at_a_time_per_connection(daemon: DaemonProc) -> None:
+    raw = registered(daemon)
+    raw.msg(snapshot(id=1, step=1).model_copy(update={"ready": 0}))
+    assert isinstance(raw.recv(), Accepted)
+    raw.msg(snapshot(id=2, step=2).model_copy(update={"ready": 0}))
+    m = raw.until(lambda m: isinstance(m, Committed | Failed) and m.id == 2)
+    assert isinstance(m, Failed) and m.code == "invalid_request" and "still being streamed" in m.message
+    raw.msg(Staged(id=1, ready=1024))
+    assert isinstance(raw.until(lambda m: isinstance(m, Committed | Failed) and m.id == 1), Committed)
+    raw.msg(snapshot(id=3, step=3).model_copy(update={"ready": 1024}))  # the first is done: allowed
+    assert isinstance(raw.until(lambda m: isinstance(m, Committed | Failed) and m.id == 3), Committed)

@@ -220,10 +220,8 @@ class Connection:
             check_snapshot(msg, layout.components, arena.size)
             if self.daemon.pipeline.busy(msg.run, msg.step):
                 raise InvalidRequest(f"step {msg.step} of run {msg.run!r} is already being written")
-            if msg.ready is not None and (msg.ready < 0 or msg.id in self.streaming):
-                raise InvalidRequest(
-                    f"snapshot {msg.id}: ready must be >= 0 and its id not already streaming"
-                )
+            if msg.ready is not None:
+                self._check_stream(msg)
         except InvalidRequest as e:
             self.send(Failed(id=msg.id, code="invalid_request", message=str(e)))
             return
@@ -232,6 +230,21 @@ class Connection:
         if not job.complete:
             self.streaming[msg.id] = job
         self.daemon.pipeline.submit(job)
+
+    def _check_stream(self, msg: Snapshot) -> None:
+        """One streamed snapshot at a time per connection (a client copies one at a time), so a
+        client cannot hold more writer threads waiting for its copies."""
+        assert msg.ready is not None
+        if msg.ready < 0:
+            raise InvalidRequest(f"snapshot {msg.id}: ready must be >= 0, got {msg.ready}")
+        for sid, job in list(self.streaming.items()):
+            if job.finished or job.complete or job.abandoned is not None:
+                del self.streaming[sid]
+            else:
+                raise InvalidRequest(
+                    f"snapshot {msg.id}: snapshot {sid} is still being streamed on this connection; "
+                    "finish copying it (or abandon it) first"
+                )
 
     def _on_staged(self, msg: Staged) -> None:
         """More of a streamed snapshot is copied. One that is unknown (refused, already whole or

@@ -32,8 +32,8 @@ from ckptd.storage import Storage
 log = logging.getLogger(__name__)
 
 
-#: A streamed snapshot whose client copies nothing for this long is abandoned (a copy moves
-#: gigabytes per second; this frees the writer threads a hung client would hold).
+#: A streamed snapshot not copied whole this long after it was accepted is abandoned (a copy
+#: moves gigabytes per second; this frees the writer threads a hung or hostile client would hold).
 STAGE_TIMEOUT_S = 60.0
 
 
@@ -47,7 +47,7 @@ class PipelineOptions:
     writer_nice: int = 10  # niceness added to the writer threads: training keeps the CPU it needs
     budget_bytes: int = 4 * 2**30  # bytes of snapshots being written at once
     keep_last: int = 0  # committed steps kept per run; 0 keeps all
-    stage_timeout_s: float = STAGE_TIMEOUT_S  # a streamed snapshot's longest pause between copies
+    stage_timeout_s: float = STAGE_TIMEOUT_S  # the longest a streamed snapshot may take to be copied
 
 
 class Abandoned(RuntimeError):
@@ -70,6 +70,7 @@ class Job:
     ready: int = -1
     abandoned: str | None = None
     stage_timeout_s: float = STAGE_TIMEOUT_S
+    finished: bool = False  # committed or failed
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
     def __post_init__(self) -> None:
@@ -102,15 +103,18 @@ class Job:
 
     def wait_ready(self, end: int) -> None:
         """Block a writer until the slot is copied up to ``end``; raise if it never will be (the
-        snapshot was abandoned, or its client copied nothing for ``stage_timeout_s``)."""
+        snapshot was abandoned, or was not copied whole within ``stage_timeout_s``)."""
         if self.ready >= end:
             return
+        deadline = self.started + self.stage_timeout_s
         with self._cond:
             while self.ready < end and self.abandoned is None:
-                before = self.ready
-                if not self._cond.wait(self.stage_timeout_s) and self.ready == before:
-                    self.abandoned = f"its client copied nothing for {self.stage_timeout_s:g} s"
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.abandoned = f"its client did not copy it whole within {self.stage_timeout_s:g} s"
                     self._cond.notify_all()
+                    break
+                self._cond.wait(left)
             if self.ready < end:
                 raise Abandoned(f"step {self.request.step} of run {self.request.run!r}: {self.abandoned}")
 
@@ -158,7 +162,10 @@ class Pipeline:
         return len(self._jobs)
 
     def busy(self, run: str, step: int) -> bool:
-        return (run, step) in self._jobs
+        """Whether a snapshot of this step is being written (an abandoned one is only unwinding:
+        the step may be taken again at once)."""
+        job = self._jobs.get((run, step))
+        return job is not None and job.abandoned is None
 
     def submit(self, job: Job) -> None:
         key = (job.request.run, job.request.step)
@@ -229,9 +236,11 @@ class Pipeline:
             job.reply(failure)
         finally:
             done.set_result(None)
+            job.finished = True
             if self._tails.get(req.run) is done:
                 del self._tails[req.run]
-            del self._jobs[(req.run, req.step)]
+            if self._jobs.get((req.run, req.step)) is job:
+                del self._jobs[(req.run, req.step)]
             job.arena.release_reader()
 
     async def _write_and_commit(self, job: Job, prev: asyncio.Future[None] | None) -> Path:
