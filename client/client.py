@@ -233,6 +233,7 @@ class Client:
             self._orphans = [o for o in self._orphans if o.handle.id != handle.id]
             self._lock.notify_all()
         handle._observed = True  # raised to the caller: not again by the next snapshot()
+        handle._copied.set()  # the copy raised: nothing writes the slot any more
         handle._fail(CheckpointError(f"snapshot() raised while copying: {error!r}", code="copy_error"))
         if arena.quarantine is None:
             self._slots.free(arena)
@@ -422,7 +423,8 @@ class Client:
                 self._orphans.append(entry)
                 self._lock.notify_all()
             handle = entry.handle
-            q = Quarantine(handle.run, handle.step, entry.channel.welcome.instance, handle._staged.is_set)
+            # Not `staged`: a failed handle is staged at once, while a device copy may still run.
+            q = Quarantine(handle.run, handle.step, entry.channel.welcome.instance, handle._copied.is_set)
             self._slots.quarantine(entry.request.arena, q)
             handle._fail(
                 CheckpointError(

@@ -49,7 +49,8 @@ class SnapshotHandle:
         # Running futures cannot be cancelled: a timed-out ``await handle.done()`` must not cancel
         # the snapshot's outcome for everyone else.
         self._future.set_running_or_notify_cancel()
-        self._staged = threading.Event()
+        self._staged = threading.Event()  # also set when it fails: nobody waits on a dead snapshot
+        self._copied = threading.Event()  # only once no copy into its slot can still be running
         self._observed = False
 
     # --- for users -------------------------------------------------------------------------------
@@ -116,6 +117,8 @@ class SnapshotHandle:
     # --- for the client --------------------------------------------------------------------------
 
     def _set_staged(self) -> None:
+        """The copy into the slot is over (done, or failed on the device)."""
+        self._copied.set()
         self._staged.set()
 
     def _commit(self, info: CommitInfo) -> None:
