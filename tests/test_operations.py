@@ -104,6 +104,7 @@ def test_systemd_unit_is_notify_with_drain_time() -> None:
     drain = float(argv[argv.index("--drain-timeout") + 1])
     assert float(service["TimeoutStopSec"]) > drain
     assert service["KillSignal"] == "SIGTERM" and int(service["WatchdogSec"]) > 0
+    assert int(service["CPUWeight"]) < 100, "the daemon yields the CPU to training units"
 
 
 def test_kubernetes_sidecar_shares_socket_and_drains() -> None:
