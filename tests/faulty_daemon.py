@@ -7,7 +7,9 @@ FAULT is one of
 - ``slow:SECONDS`` (every pwrite sleeps first);
 - ``kill-at:OP:N[:STEP]``: SIGKILL the daemon *before* the N-th call of the Storage operation OP;
 - ``kill-after:OP:N[:STEP]``: SIGKILL it right *after* the N-th call of OP returned;
-- ``eio-at:OP:N[:STEP]``: the N-th call of OP fails with EIO instead (nothing is done).
+- ``eio-at:OP:N[:STEP]``: the N-th call of OP fails with EIO instead (nothing is done);
+- ``layout-limit:N``: no storage fault; a connection may hold layouts of N tensors and the
+  daemon 2N (instead of millions), so the limits can be reached with small frames.
 
 OP is a ``Storage`` method (``mkdir``, ``create``, ``pwrite``, ``fsync``, ``close``, ``fsync_dir``,
 ``rename``, ``remove_tree``) or ``any``, optionally followed by ``@GLOB`` to count only calls on a
@@ -151,4 +153,9 @@ def _die(what: str) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1].startswith("layout-limit:"):
+        from ckptd.daemon import layouts
+
+        layouts.MAX_LAYOUT_TENSORS = int(sys.argv[1].split(":")[1])
+        layouts.MAX_DAEMON_LAYOUT_TENSORS = 2 * layouts.MAX_LAYOUT_TENSORS
     raise SystemExit(main(["serve", *sys.argv[2:]], storage=FaultyStorage(sys.argv[1])))

@@ -117,9 +117,10 @@ SCENARIOS = [
         "Ranges outside the arena, gaps and overlaps, negative or huge shapes, unknown dtypes, "
         "run names with `..`, `/`, absolute paths, component names with `/`, extra files, "
         "aliases, steps too long for a file name, duplicate in-flight steps; each bad case sent "
-        "inline and as a registered layout; unknown, foreign and forgotten layouts.",
+        "inline and as a registered layout; unknown, foreign and forgotten layouts; layouts past "
+        "the per-connection and daemon-wide tensor limits.",
         r"test_hostile\.py::test_(bad_snapshot|two_components|step_too_long|snapshot_of_a_step|layouts_are"
-        r"|oldest_layouts)",
+        r"|oldest_layouts|layout_tensors_are)",
     ),
     Scenario(
         "Symlinks planted under the root",

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -654,6 +655,41 @@ def test_oldest_layouts_are_forgotten_beyond_the_limit(hostile: Hostile) -> None
     raw.msg(last)
     assert isinstance(raw.until(lambda m: isinstance(m, Committed | Failed)), Committed)
     raw.close()
+
+
+def test_layout_tensors_are_limited_per_connection_and_per_daemon(
+    start_daemon: Callable[..., DaemonProc],
+) -> None:
+    """With limits of 8 tensors per connection and 16 per daemon (``layout-limit:8``): a larger
+    layout is refused, a connection's own older layouts make room, other clients' do not."""
+    d = start_daemon(faults="layout-limit:8")
+
+    def of(k: int, run: str) -> Snapshot:
+        ts = [tensor(name=f"t{i}", shape=[1], start=4 * i, end=4 * i + 4) for i in range(k)]
+        return snapshot(run=run, nbytes=4 * k, tensors=ts)
+
+    def commits(raw: Raw, req: Snapshot) -> None:
+        raw.msg(req)
+        m = raw.until(lambda m: isinstance(m, Committed | Failed) and m.id == req.id)
+        assert isinstance(m, Committed), m
+
+    a, b, c = registered(d), registered(d), registered(d)
+    assert "exceeds the limit of 8" in failed_snapshot(a, via_layout(a, of(9, "a"))).message
+    commits(a, via_layout(a, of(8, "a")))
+    commits(b, via_layout(b, of(8, "b")))
+    refused = failed_snapshot(c, via_layout(c, of(1, "c"))).message
+    assert "past its limit of 16 tensors (16 held for other connections)" in refused, refused
+    commits(b, via_layout(b, of(8, "b")))  # replaces b's own older layout
+    a.close()  # its layouts go with it: c's fits now
+    for _ in range(50):
+        req = via_layout(c, of(1, "c"))
+        c.msg(req)
+        m = c.until(lambda m, req=req: isinstance(m, Committed | Failed) and m.id == req.id)
+        if isinstance(m, Committed):
+            break
+        assert isinstance(m, Failed) and "past its limit" in m.message, m
+        time.sleep(0.1)
+    assert isinstance(m, Committed), m
 
 
 def test_two_components_in_one_snapshot_refused_when_names_repeat(hostile: Hostile) -> None:

@@ -16,8 +16,9 @@ from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from ckptd.daemon import layouts as limits
 from ckptd.daemon.arenas import Arena, ArenaError
-from ckptd.daemon.layouts import MAX_LAYOUT_TENSORS, MAX_LAYOUTS, PreparedLayout, prepare
+from ckptd.daemon.layouts import PreparedLayout, prepare
 from ckptd.daemon.pipeline import Job
 from ckptd.daemon.validate import InvalidRequest, check_snapshot
 from ckptd.protocol import (
@@ -189,9 +190,18 @@ class Connection:
             layout = f"layout {msg.layout}: {e}"
         size = layout.tensors if isinstance(layout, PreparedLayout) else 0
         while self.layouts and (
-            len(self.layouts) >= MAX_LAYOUTS or _tensors(self.layouts.values()) + size > MAX_LAYOUT_TENSORS
+            len(self.layouts) >= limits.MAX_LAYOUTS
+            or _tensors(self.layouts.values()) + size > limits.MAX_LAYOUT_TENSORS
         ):
             del self.layouts[next(iter(self.layouts))]  # the oldest; a job keeps its own reference
+        others = sum(_tensors(c.layouts.values()) for c in self.daemon.connections() if c is not self)
+        mine = _tensors(self.layouts.values())
+        if size and others + mine + size > limits.MAX_DAEMON_LAYOUT_TENSORS:
+            layout = (
+                f"layout {msg.layout}: its {size} tensors would take the layouts held by this daemon "
+                f"past its limit of {limits.MAX_DAEMON_LAYOUT_TENSORS} tensors ({others} held for "
+                "other connections); close idle clients, or snapshot fewer, larger tensors"
+            )
         self.layouts[msg.layout] = layout
 
     def _layout_of(self, msg: Snapshot) -> PreparedLayout:

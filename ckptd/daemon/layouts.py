@@ -20,6 +20,9 @@ from ckptd.shardfile import HeaderEntry, encode_header
 #: more forgets the oldest (a client only ever uses the layout it registered last).
 MAX_LAYOUTS = 16
 MAX_LAYOUT_TENSORS = 2_000_000
+#: Tensors in the layouts of all connections together: many clients cannot exhaust the daemon's
+#: memory with layouts (about 1 KB each once prepared) either.
+MAX_DAEMON_LAYOUT_TENSORS = 8_000_000
 
 
 @dataclass(frozen=True)

@@ -207,6 +207,9 @@ class Daemon:
     def forget(self, conn: Connection) -> None:
         self._connections.discard(conn)
 
+    def connections(self) -> list[Connection]:
+        return list(self._connections)
+
     def welcome(self) -> Welcome:
         return Welcome(
             version=PROTOCOL_VERSION,
