@@ -222,10 +222,12 @@ class Trainer:
         self.loss = out.loss.item()
         self.step_times.append(time.perf_counter() - t0)
 
-    def snapshot(self) -> None:
+    def tree(self) -> dict[str, Any]:
         # Plain values (step, loss) go into the manifest as JSON, tensors into the shards.
-        tree = {"model": self.model, "optimizer": self.opt, "step": self.step, "loss": self.loss}
-        handle = self.client.snapshot(tree, step=self.step)
+        return {"model": self.model, "optimizer": self.opt, "step": self.step, "loss": self.loss}
+
+    def snapshot(self) -> None:
+        handle = self.client.snapshot(self.tree(), step=self.step)
         if not self.reporter.records:
             self.reporter.header(state_bytes(self.model, self.opt), str(self.client.root / self.args.run))
         self.reporter.track(handle, self.loss)
@@ -239,6 +241,10 @@ class Trainer:
         try:
             while self.step < steps if steps is not None else time.monotonic() < deadline:
                 self.train_step()
+                if self.step == 1:
+                    # AdamW made its state in that step: make the arena slots for snapshots of
+                    # this tree now, so the first snapshot stalls only for its copy.
+                    self.client.prepare(self.tree())
                 if self.step % self.args.every == 0:
                     self.snapshot()
         except KeyboardInterrupt:

@@ -10,6 +10,7 @@ import torch
 from conftest import DaemonProc
 from helpers import memfd_mappings, open_fds
 
+import ckptd
 from client import CheckpointError, Client
 
 
@@ -82,3 +83,30 @@ def test_close_waits_for_in_flight_snapshots(
     c.close()
     assert handle.done_now() and handle.wait() is not None
     assert memfd_mappings() == 0
+
+
+def test_prepare_makes_the_slots_before_the_first_snapshot(
+    daemon: DaemonProc, connect: Callable[..., Client]
+) -> None:
+    c = connect(daemon, slots=2)
+    state = {"w": torch.randn(1000, 100), "b": torch.randn(7)}
+    assert c.prepare(state) == 2
+    assert memfd_mappings() == 2 and c.status().arenas == 2, "both slots exist and are registered"
+    maps, arenas = memfd_mappings(), c.status().arenas
+    for step in (1, 2):
+        info = c.snapshot(state, step=step).wait(30)
+        assert info is not None
+    assert memfd_mappings() == maps and c.status().arenas == arenas, "no slot made after prepare"
+    loaded = ckptd.load(info.path)["model"]
+    assert torch.equal(loaded["w"], state["w"]) and torch.equal(loaded["b"], state["b"])
+
+
+def test_prepare_leaves_busy_slots_alone(
+    start_daemon: Callable[..., DaemonProc], connect: Callable[..., Client]
+) -> None:
+    d = start_daemon(faults="slow:0.5")
+    c = connect(d, slots=2)
+    state = {"w": torch.ones(256)}
+    busy = c.snapshot(state, step=1)
+    assert c.prepare(state) == 1  # the other slot is being written
+    assert busy.wait(30) is not None
