@@ -226,11 +226,14 @@ class Client:
     def prepare(self, obj: object) -> int:
         """Make and register, before the training loop, the arena slots and the layout that
         snapshots of ``obj`` will use, so the first ``snapshot()`` pays only its copy (making a
-        slot costs about 0.7 s per GB on a small VM) and a slot that does not fit in memory
-        fails here, not at the first checkpoint. Pass the tree as it will be snapshotted (after
-        the first optimizer step, for an optimizer that makes its state then). Slots busy with
-        snapshots in flight are left alone. Returns how many slots are ready."""
+        slot costs about 0.73 s per GB on a small VM) and a slot that does not fit in memory
+        fails here, not at the first checkpoint. It makes every slot: ``slots`` times the
+        snapshot's bytes of shared memory, as snapshots that overlap would. Pass the tree as it
+        will be snapshotted (after the first optimizer step, for an optimizer that makes its
+        state then). Slots busy with snapshots in flight are left alone. Returns how many slots
+        are ready."""
         with self._snapshot_lock:
+            self._raise_unobserved()
             if self._closed:
                 raise CheckpointError("this client is closed", code="closed")
             flat = flatten(obj)
@@ -244,6 +247,9 @@ class Client:
                         break
                     held.append(arena)
                     self._register(channel, arena, plan)
+                    if flat.cuda:  # page-lock it and make its views now, not in the first snapshot
+                        arena.pin_for_cuda()
+                        copy_pairs(arena, plan, flat)
             finally:
                 for arena in held:
                     arena.generation -= 1  # nothing was copied into it
@@ -255,15 +261,19 @@ class Client:
         The snapshot is never resubmitted (its slot may be half copied). Its slot is freed, unless
         a daemon may still read it (a streamed request it holds, or a connection lost meanwhile):
         then it stays quarantined until that daemon no longer lists the snapshot."""
-        with self._lock:
-            self._pending.pop(handle.id, None)
-            self._orphans = [o for o in self._orphans if o.handle.id != handle.id]
-            self._lock.notify_all()
+        self._forget(handle.id)
         handle._observed = True  # raised to the caller: not again by the next snapshot()
         handle._copied.set()  # the copy raised: nothing writes the slot any more
         handle._fail(CheckpointError(f"snapshot() raised while copying: {error!r}", code="copy_error"))
         if arena.quarantine is None:
             self._slots.free(arena)
+
+    def _forget(self, snapshot_id: int) -> None:
+        """Drop a snapshot whose slot may hold a partial copy: neither pending nor resubmittable."""
+        with self._lock:
+            self._pending.pop(snapshot_id, None)
+            self._orphans = [o for o in self._orphans if o.handle.id != snapshot_id]
+            self._lock.notify_all()
 
     def _plan_for(self, flat: Flat, channel: Channel) -> Plan:
         max_shard = parse_size(self.options.max_shard_size or channel.welcome.max_shard_size)
@@ -324,7 +334,7 @@ class Client:
         except BaseException:
             if lost is None:
                 self._try_send(channel, encode(Abandon(id=handle.id)))
-                q = Quarantine(handle.run, handle.step, channel.welcome.instance, lambda: True)
+                q = Quarantine(handle.run, handle.step, channel.welcome.instance, copied=lambda: True)
                 self._slots.quarantine(request.arena, q)
             raise
         if lost is not None:
@@ -342,6 +352,8 @@ class Client:
     def _sent_after_copy(self, entry: _InFlight, error: BaseException | None) -> None:
         entry.handle._set_staged()
         if error is not None:
+            with self._lock:  # lost meanwhile: its slot holds a partial copy, never resubmit it
+                self._orphans = [o for o in self._orphans if o is not entry]
             self._fail(
                 entry.handle.id, CheckpointError(f"device-to-host copy failed: {error}", code="copy_error")
             )
@@ -423,6 +435,11 @@ class Client:
                     )
                 )
         elif isinstance(msg, Failed):
+            if msg.code == "layout_limit" and msg.id is not None:
+                with self._lock:
+                    entry = self._pending.get(msg.id)
+                if entry is not None:  # register it again next time: other clients may have left
+                    entry.channel.layouts.discard(entry.request.plan.layout_id)
             if msg.id is not None:
                 self._fail(msg.id, CheckpointError(msg.message, code=msg.code, errno=msg.errno))
             else:
@@ -451,7 +468,9 @@ class Client:
                 self._lock.notify_all()
             handle = entry.handle
             # Not `staged`: a failed handle is staged at once, while a device copy may still run.
-            q = Quarantine(handle.run, handle.step, entry.channel.welcome.instance, handle._copied.is_set)
+            q = Quarantine(
+                handle.run, handle.step, entry.channel.welcome.instance, copied=handle._copied.is_set
+            )
             self._slots.quarantine(entry.request.arena, q)
             handle._fail(
                 CheckpointError(
@@ -526,6 +545,8 @@ class Client:
             same &= {(j.run, j.step) for j in self.status().jobs}
             if same:
                 time.sleep(0.2)
+        for o in orphans:  # a device-to-host copy may still be filling its slot
+            o.handle._copied.wait(max(0.0, deadline - time.monotonic()))
         self._slots.release_quarantined(lambda q: (q.run, q.step) not in same)
 
     def status(self, timeout_s: float = 10.0) -> StatusReply:

@@ -31,7 +31,7 @@ class Quarantine:
     run: str
     step: int
     instance: str  # the daemon instance that may still read the slot
-    staged: Callable[[], bool]  # False while a device-to-host copy may still be writing it
+    copied: Callable[[], bool]  # False while a copy (device to host) may still be writing it
 
 
 class SlotPool:
@@ -78,6 +78,7 @@ class SlotPool:
             self.arenas.append(fit)
         if fit is not None:
             fit.busy = True
+            fit.quarantine = None
             fit.generation += 1
         return fit
 
@@ -88,15 +89,17 @@ class SlotPool:
             self.cond.notify_all()
 
     def quarantine(self, arena: Arena, q: Quarantine) -> None:
+        """Keep a busy slot busy until ``release_quarantined`` (a slot freed meanwhile stays free)."""
         with self.cond:
-            arena.quarantine = q
+            if arena.busy:
+                arena.quarantine = q
 
     def release_quarantined(self, done: Callable[[Quarantine], bool]) -> None:
         """Free quarantined slots for which ``done`` says the daemon no longer reads them."""
         with self.cond:
             for a in self.arenas:
                 q = a.quarantine
-                if q is not None and q.staged() and done(q):
+                if q is not None and q.copied() and done(q):
                     log.info("[run=%s step=%s] slot released: the daemon no longer reads it", q.run, q.step)
                     a.busy = False
                     a.quarantine = None

@@ -99,11 +99,15 @@ class CudaStager:
             self._sender = ThreadPoolExecutor(1, thread_name_prefix="ckptd-gpu-send")
         stream, current = self._stream, torch.cuda.current_stream()
         stream.wait_stream(current)
-        with torch.no_grad(), torch.cuda.stream(stream):
-            for dst, src in pairs:
-                dst.copy_(src, non_blocking=src.is_cuda)
-                if src.is_cuda:
-                    src.record_stream(stream)  # the allocator must not reuse it before the copy
+        try:
+            with torch.no_grad(), torch.cuda.stream(stream):
+                for dst, src in pairs:
+                    dst.copy_(src, non_blocking=src.is_cuda)
+                    if src.is_cuda:
+                        src.record_stream(stream)  # the allocator must not reuse it before the copy
+        except BaseException:
+            stream.synchronize()  # copies already queued must be over before the slot is reused
+            raise
         event = torch.cuda.Event()  # type: ignore[no-untyped-call]
         event.record(stream)
         current.wait_stream(stream)

@@ -60,7 +60,7 @@ from ckptd.protocol import (
     decode_daemon,
     encode,
 )
-from client import Client
+from client import CheckpointError, Client
 
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 STEPS = itertools.count(1)  # one daemon serves the module: every snapshot takes a new step
@@ -658,10 +658,11 @@ def test_oldest_layouts_are_forgotten_beyond_the_limit(hostile: Hostile) -> None
 
 
 def test_layout_tensors_are_limited_per_connection_and_per_daemon(
-    start_daemon: Callable[..., DaemonProc],
+    start_daemon: Callable[..., DaemonProc], connect: Callable[..., Client]
 ) -> None:
     """With limits of 8 tensors per connection and 16 per daemon (``layout-limit:8``): a larger
-    layout is refused, a connection's own older layouts make room, other clients' do not."""
+    layout is refused, a connection's own older layouts make room, other clients' do not, and a
+    client refused for the daemon-wide limit registers its layout again once there is room."""
     d = start_daemon(faults="layout-limit:8")
 
     def of(k: int, run: str) -> Snapshot:
@@ -673,23 +674,27 @@ def test_layout_tensors_are_limited_per_connection_and_per_daemon(
         m = raw.until(lambda m: isinstance(m, Committed | Failed) and m.id == req.id)
         assert isinstance(m, Committed), m
 
-    a, b, c = registered(d), registered(d), registered(d)
+    a, b = registered(d), registered(d)
     assert "exceeds the limit of 8" in failed_snapshot(a, via_layout(a, of(9, "a"))).message
     commits(a, via_layout(a, of(8, "a")))
     commits(b, via_layout(b, of(8, "b")))
-    refused = failed_snapshot(c, via_layout(c, of(1, "c"))).message
-    assert "past its limit of 16 tensors (16 held for other connections)" in refused, refused
     commits(b, via_layout(b, of(8, "b")))  # replaces b's own older layout
-    a.close()  # its layouts go with it: c's fits now
-    for _ in range(50):
-        req = via_layout(c, of(1, "c"))
-        c.msg(req)
-        m = c.until(lambda m, req=req: isinstance(m, Committed | Failed) and m.id == req.id)
-        if isinstance(m, Committed):
+    c = connect(d, run="c")
+    state = {"w": torch.arange(3.0)}
+    with pytest.raises(CheckpointError) as e:
+        c.snapshot(state, step=1).wait(30)
+    assert e.value.code == "layout_limit"
+    assert "past its limit of 16 tensors (16 held for other connections)" in str(e.value)
+    a.close()  # its layouts go with it
+    for step in range(2, 50):
+        try:
+            info = c.snapshot(state, step=step).wait(30)
             break
-        assert isinstance(m, Failed) and "past its limit" in m.message, m
-        time.sleep(0.1)
-    assert isinstance(m, Committed), m
+        except CheckpointError as err:
+            assert err.code == "layout_limit", err
+            time.sleep(0.1)
+    assert info is not None and ckptd.verify(info.path) == []
+    b.close()
 
 
 def test_two_components_in_one_snapshot_refused_when_names_repeat(hostile: Hostile) -> None:

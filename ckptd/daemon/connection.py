@@ -197,7 +197,7 @@ class Connection:
         others = sum(_tensors(c.layouts.values()) for c in self.daemon.connections() if c is not self)
         mine = _tensors(self.layouts.values())
         if size and others + mine + size > limits.MAX_DAEMON_LAYOUT_TENSORS:
-            layout = (
+            layout = _OverLimit(
                 f"layout {msg.layout}: its {size} tensors would take the layouts held by this daemon "
                 f"past its limit of {limits.MAX_DAEMON_LAYOUT_TENSORS} tensors ({others} held for "
                 "other connections); close idle clients, or snapshot fewer, larger tensors"
@@ -212,6 +212,8 @@ class Connection:
         layout = self.layouts.get(msg.layout)
         if layout is None:
             raise InvalidRequest(f"layout {msg.layout} is not registered on this connection")
+        if isinstance(layout, _OverLimit):
+            raise LayoutLimit(layout)
         if isinstance(layout, str):
             raise InvalidRequest(layout)
         return layout
@@ -233,7 +235,8 @@ class Connection:
             if msg.ready is not None:
                 self._check_stream(msg)
         except InvalidRequest as e:
-            self.send(Failed(id=msg.id, code="invalid_request", message=str(e)))
+            code = "layout_limit" if isinstance(e, LayoutLimit) else "invalid_request"
+            self.send(Failed(id=msg.id, code=code, message=str(e)))
             return
         self.send(Accepted(id=msg.id))
         job = Job(request=msg, layout=layout, arena=arena, reply=self.send, nbytes=layout.nbytes)
@@ -288,6 +291,15 @@ class Connection:
             os.close(self._fds.popleft())
         self.writer.add_done_callback(lambda _: self._sock.close())
         self.daemon.forget(self)
+
+
+class _OverLimit(str):
+    """A layout refused for the daemon-wide limit, not for its content: its snapshots fail with
+    ``layout_limit``, after which the client registers it again (room may have been made)."""
+
+
+class LayoutLimit(InvalidRequest):
+    """A snapshot names a layout refused for the daemon-wide limit."""
 
 
 def _tensors(layouts: Iterable[PreparedLayout | str]) -> int:
