@@ -199,12 +199,7 @@ class Client:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         run = paths.check_name("run", run or self.run)
         with self._snapshot_lock:
-            self._raise_unobserved()
-            if self._closed:
-                raise CheckpointError("this client is closed", code="closed")
-            flat = flatten(obj)
-            channel = self._connected()
-            plan = self._plan_for(flat, channel)
+            flat, channel, plan = self._planned(obj)
             handle = SnapshotHandle(next(self._ids), run, step, started)
             if on_done is not None:
                 handle.add_done_callback(on_done)
@@ -233,12 +228,7 @@ class Client:
         state then). Slots busy with snapshots in flight are left alone. Returns how many slots
         are ready."""
         with self._snapshot_lock:
-            self._raise_unobserved()
-            if self._closed:
-                raise CheckpointError("this client is closed", code="closed")
-            flat = flatten(obj)
-            channel = self._connected()
-            plan = self._plan_for(flat, channel)
+            flat, channel, plan = self._planned(obj)
             held: list[Arena] = []
             try:
                 while len(held) < self.options.slots:
@@ -274,6 +264,16 @@ class Client:
             self._pending.pop(snapshot_id, None)
             self._orphans = [o for o in self._orphans if o.handle.id != snapshot_id]
             self._lock.notify_all()
+
+    def _planned(self, obj: object) -> tuple[Flat, Channel, Plan]:
+        """``obj`` flattened, the connection and the plan (under ``_snapshot_lock``); raises a
+        failure nobody looked at first."""
+        self._raise_unobserved()
+        if self._closed:
+            raise CheckpointError("this client is closed", code="closed")
+        flat = flatten(obj)
+        channel = self._connected()
+        return flat, channel, self._plan_for(flat, channel)
 
     def _plan_for(self, flat: Flat, channel: Channel) -> Plan:
         max_shard = parse_size(self.options.max_shard_size or channel.welcome.max_shard_size)
