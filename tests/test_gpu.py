@@ -46,3 +46,17 @@ def test_snapshot_does_not_wait_for_the_device_to_host_copy(client: Client) -> N
     assert info is not None
     assert same_bits(ckptd.load(info.path)["model"]["w"], big["w"])
     assert returned_before_copy or handle.stall_s < 0.05
+
+
+def test_prepare_pins_cuda_slots_so_the_first_snapshot_does_not_wait_for_the_copy(
+    client: Client,
+) -> None:
+    big = {"w": torch.randn(64, 2**20, device="cuda")}  # 256 MiB
+    assert client.prepare(big) == client.options.slots
+    torch.cuda.synchronize()
+    handle = client.snapshot(big, step=1)  # the first: slots pinned and views made by prepare
+    returned_before_copy = not handle.staged
+    info = handle.wait(60)
+    assert info is not None
+    assert same_bits(ckptd.load(info.path)["model"]["w"], big["w"])
+    assert returned_before_copy or handle.stall_s < 0.05
