@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from ckptd import paths, reading
+from ckptd import paths, reading, sockdir
 from ckptd.manifest import MANIFEST_NAME, ManifestError, read_manifest
 from ckptd.protocol import StatusReply
 from ckptd.sizes import format_size, parse_size
@@ -104,28 +104,69 @@ def _serve(args: argparse.Namespace, storage: Storage | None) -> int:
     except ValueError as e:
         print(f"ckptd serve: {e}", file=sys.stderr)
         return 2
-    ready_fd = _detach(args.log_file) if args.detach else None
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        filename=args.log_file,
-    )
-    try:
-        run_daemon(
-            options, storage, on_ready=(lambda: _signal_ready(ready_fd)) if ready_fd is not None else None
+    try:  # before anything in it is opened, the log above all (it is opened before the daemon runs)
+        log_fd = _open_log(args.log_file, options.socket_path)
+    except OSError as e:
+        print(f"ckptd serve: {e}", file=sys.stderr)
+        return 1
+    ready = _Ready(_detach(log_fd)) if args.detach else None
+    if log_fd is not None and ready is None:
+        logging.basicConfig(
+            level=logging.INFO, format=_LOG_FORMAT, stream=os.fdopen(log_fd, "a", buffering=1)
         )
+    else:  # detached, stderr is the log file (or /dev/null)
+        logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
+    try:
+        run_daemon(options, storage, on_ready=ready.signal if ready is not None else None)
     except (DaemonError, OSError) as e:
         logging.getLogger("ckptd").error("%s", e)
-        if ready_fd is not None:
-            os.write(ready_fd, f"error: {e}".encode())
-            os.close(ready_fd)
-        else:
+        if ready is None:
             print(f"ckptd serve: {e}", file=sys.stderr)
+        else:  # once the parent was told "ready" it has gone: the line logged above is what is left
+            ready.fail(f"error: {e}")
         return 1
     return 0
 
 
-def _detach(log_file: Path | None) -> int:
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _open_log(log_file: Path | None, socket_path: Path) -> int | None:
+    """Check (making it if missing) the socket's directory, then open the log without following
+    a symlink: appended to, 0600, a regular file of ours only. A log beside the socket is opened
+    through the checked directory's descriptor; one elsewhere gets its directory made if missing."""
+    dir_fd = sockdir.open_socket_dir(socket_path.parent, create=True)
+    try:
+        if log_file is None:
+            return None
+        log_file = log_file.absolute()
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        if log_file.parent == socket_path.parent:
+            return sockdir.open_private_file(log_file.name, dir_fd, flags, "the log file", log_file)
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        return sockdir.open_private_file(str(log_file), None, flags, "the log file", log_file)
+    finally:
+        os.close(dir_fd)
+
+
+class _Ready:
+    """The pipe to the parent waiting in ``_detach``: written once, "ready" or the error."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    def signal(self) -> None:
+        self.fail("ready")
+
+    def fail(self, message: str) -> None:
+        """Tell the parent, unless it was told already (then it has exited)."""
+        if self._fd is not None:
+            os.write(self._fd, message.encode())
+            os.close(self._fd)
+            self._fd = None
+
+
+def _detach(log_fd: int | None) -> int:
     """Fork; the parent exits once the child says it listens (or why it could not)."""
     read_fd, write_fd = os.pipe()
     if os.fork() > 0:
@@ -141,22 +182,15 @@ def _detach(log_file: Path | None) -> int:
     os.close(read_fd)
     os.setsid()
     null = os.open(os.devnull, os.O_RDWR)
-    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log_file else null
+    out = log_fd if log_fd is not None else null
     os.dup2(null, 0)
     os.dup2(out, 1)
     os.dup2(out, 2)
     return write_fd
 
 
-def _signal_ready(fd: int) -> None:
-    os.write(fd, b"ready")
-    os.close(fd)
-
-
 def _default_socket() -> Path:
-    from client.spawn import default_socket
-
-    return default_socket()
+    return paths.default_socket()
 
 
 def _ls(root: Path, *, as_json: bool) -> int:

@@ -1,4 +1,5 @@
-"""Names on disk: runs, step directories, temp directories and the ``LATEST`` pointer.
+"""Names on disk: runs, step directories, temp directories, the ``LATEST`` pointer, and where
+the daemon's socket is by default.
 
 ``<root>/<run>/step-000500/`` is a committed checkpoint; ``step-000500.ckptd-tmp-<nonce>/`` is
 one being written and is never read as a checkpoint.
@@ -6,6 +7,7 @@ one being written and is never read as a checkpoint.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -64,3 +66,17 @@ def read_latest(run_dir: Path) -> str | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     return name if parse_step_dirname(name) is not None else None
+
+
+# --- where the daemon listens (its directory's checks: ckptd.sockdir) --------------------------
+
+
+def default_socket() -> Path:
+    """``$CKPTD_SOCKET``, else ``$XDG_RUNTIME_DIR/ckptd/ckptd.sock``, else ``/tmp/ckptd-<uid>/ckptd.sock``."""
+    env = os.environ.get("CKPTD_SOCKET")
+    if env:
+        return Path(env)
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "ckptd" / "ckptd.sock"
+    return Path(f"/tmp/ckptd-{os.getuid()}") / "ckptd.sock"

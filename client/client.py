@@ -197,7 +197,7 @@ class Client:
             raise ValueError(f"policy must be 'block', 'skip' or 'error', got {policy!r}")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
-        run = paths.check_name("run", run or self.run)
+        run = paths.check_name("run", self.run if run is None else run)
         with self._snapshot_lock:
             flat, channel, plan = self._planned(obj)
             handle = SnapshotHandle(next(self._ids), run, step, started)

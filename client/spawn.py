@@ -14,21 +14,14 @@ import sys
 import time
 from pathlib import Path
 
+from ckptd import sockdir
+from ckptd.paths import default_socket
 from client.channel import Channel
 from client.errors import CheckpointError
 
+__all__ = ["connect_daemon", "default_root", "default_socket", "spawn_daemon"]  # default_socket: from paths
+
 log = logging.getLogger(__name__)
-
-
-def default_socket() -> Path:
-    """``$CKPTD_SOCKET``, else ``$XDG_RUNTIME_DIR/ckptd/ckptd.sock``, else ``/tmp/ckptd-<uid>/ckptd.sock``."""
-    env = os.environ.get("CKPTD_SOCKET")
-    if env:
-        return Path(env)
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return Path(runtime) / "ckptd" / "ckptd.sock"
-    return Path(f"/tmp/ckptd-{os.getuid()}") / "ckptd.sock"
 
 
 def default_root() -> Path:
@@ -85,6 +78,12 @@ def connect_daemon(
     """A channel to the daemon on ``socket_path``, starting one if allowed, checked against what
     the client expects (its root, enough arenas)."""
     deadline = time.monotonic() + timeout_s
+    try:  # before connecting or starting anything: a socket or log another user could plant
+        sockdir.check_socket_dir(socket_path.parent)
+    except FileNotFoundError:
+        pass  # nothing listens there yet; the daemon started below makes the directory, 0700
+    except sockdir.UnsafeSocketDir as e:
+        raise CheckpointError(str(e), code="unsafe_socket_dir") from e
     try:
         channel = Channel.open(socket_path, timeout_s)
     except (FileNotFoundError, ConnectionRefusedError) as e:

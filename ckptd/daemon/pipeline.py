@@ -24,6 +24,7 @@ from ckptd import __version__, commit
 from ckptd.daemon.arenas import Arena
 from ckptd.daemon.layouts import PreparedLayout
 from ckptd.daemon.metrics import Metrics
+from ckptd.daemon.rootguard import RootGone, RootGuard
 from ckptd.layout import index_filename, shard_filename
 from ckptd.manifest import ComponentRecord, FileRecord, Manifest
 from ckptd.protocol import Committed, Failed, JobStatus, Message, Progress, Snapshot
@@ -156,6 +157,9 @@ class Pipeline:
         self._tails: dict[str, asyncio.Future[None]] = {}
         self._jobs: dict[tuple[str, int], Job] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        #: The root as found at start-up (set by the daemon); checked before staging and committing.
+        self.root: RootGuard | None = None
+        self.on_root_gone: Callable[[RootGone], None] | None = None
 
     @property
     def in_flight(self) -> int:
@@ -169,6 +173,12 @@ class Pipeline:
 
     def submit(self, job: Job) -> None:
         key = (job.request.run, job.request.step)
+        if self.root is not None and self.root.gone is not None:  # refused at once, nothing held
+            failure = _failure(job.request.id, *key, self._root_gone(RootGone()))
+            self.metrics.fail(failure.code)
+            job.finished = True
+            job.reply(failure)
+            return
         job.stage_timeout_s = self.options.stage_timeout_s
         self._jobs[key] = job
         job.arena.acquire()
@@ -229,6 +239,7 @@ class Pipeline:
                 time.monotonic() - job.started,
             )
         except Exception as e:  # every failure is reported to the client, never swallowed
+            e = self._root_gone(e)
             job.mark("failed")
             log.error("[run=%s step=%s] failed: %s", req.run, req.step, e)
             failure = _failure(req.id, req.run, req.step, e)
@@ -246,7 +257,7 @@ class Pipeline:
     async def _write_and_commit(self, job: Job, prev: asyncio.Future[None] | None) -> Path:
         # accepted → writing → synced → committed → pruned
         req, loop, st = job.request, asyncio.get_running_loop(), self.storage
-        staged = await loop.run_in_executor(None, commit.stage, st, self.options.root, req.run, req.step)
+        staged = await loop.run_in_executor(None, self._stage, req.run, req.step)
         try:
             job.mark("writing")
             job.reply(Progress(id=req.id, stage="writing", bytes_written=0))
@@ -256,7 +267,7 @@ class Pipeline:
             manifest = await loop.run_in_executor(None, self._write_small_files, job, staged, components)
             if prev is not None:
                 await asyncio.shield(prev)  # commit in order within a run
-            path = await loop.run_in_executor(None, commit.commit, st, staged)
+            path = await loop.run_in_executor(None, self._commit, staged)
         except BaseException:
             await loop.run_in_executor(None, commit.discard, st, staged)
             raise
@@ -275,6 +286,31 @@ class Pipeline:
                 log.warning("[run=%s step=%s] retention failed: %s", req.run, req.step, e)
             job.mark("pruned")
         return path
+
+    def _check_root(self) -> None:
+        if self.root is not None:
+            self.root.check()
+
+    def _stage(self, run: str, step: int) -> commit.StagedCheckpoint:
+        self._check_root()
+        return commit.stage(self.storage, self.options.root, run, step)
+
+    def _commit(self, staged: commit.StagedCheckpoint) -> Path:
+        self._check_root()  # a root made again by another daemon is not ours to publish into
+        return commit.commit(self.storage, staged)
+
+    def _root_gone(self, e: Exception) -> Exception:
+        """A failure seen after the root went (ENOENT mid-write, say) is reported as that."""
+        if self.root is None:
+            return e
+        try:
+            if isinstance(e, RootGone) or self.root.gone is not None or isinstance(e, OSError):
+                self.root.check()
+        except RootGone as gone:
+            if self.on_root_gone is not None:
+                self.on_root_gone(gone)
+            return gone
+        return e
 
     async def _write_shards(self, job: Job, staged: commit.StagedCheckpoint) -> list[ComponentRecord]:
         loop = asyncio.get_running_loop()
@@ -385,6 +421,8 @@ def _failure(snapshot_id: int, run: str, step: int, e: BaseException) -> Failed:
             errno=e.errno,
             message=f"writing {where} failed: [{name}] {e.strerror}{target}; older checkpoints are intact",
         )
+    if isinstance(e, RootGone):
+        return Failed(id=snapshot_id, code="root_gone", message=f"{where} not taken: {e}")
     if isinstance(e, Abandoned):
         return Failed(id=snapshot_id, code="abandoned", message=f"{e}; discarded, nothing was committed")
     code = "commit_error" if isinstance(e, commit.CommitError) else "internal_error"

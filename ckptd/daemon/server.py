@@ -1,9 +1,12 @@
 """The daemon's lifecycle: startup → main loop → shutdown.
 
-Startup takes a lock beside the socket (one daemon per socket), refuses a socket that a live
+Startup checks the socket's directory (ours, writable by nobody else: ``ckptd.sockdir``) and
+opens everything in it through that directory's descriptor, takes a lock beside the socket (one
+daemon per socket) and one in the root (one daemon per root), refuses a socket that a live
 daemon answers on, replaces a stale one, sweeps temp directories left by a crash, and binds the
-socket 0600. Signal handlers only set flags: the first SIGTERM/SIGINT stops accepting and drains
-in-flight snapshots (up to ``drain_timeout_s``); a second one exits at once.
+socket 0600. A root deleted or replaced while the daemon runs stops it (``rootguard``). Signal
+handlers only set flags: the first SIGTERM/SIGINT stops accepting and drains in-flight snapshots
+(up to ``drain_timeout_s``); a second one exits at once.
 """
 
 from __future__ import annotations
@@ -17,18 +20,18 @@ import resource
 import secrets
 import signal
 import socket
-import stat
 import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ckptd import commit
+from ckptd import commit, sockdir
 from ckptd.daemon.connection import MAX_ARENAS, MAX_CONNECTIONS, Connection
 from ckptd.daemon.metrics import Metrics, serve_metrics
 from ckptd.daemon.notify import Notifier
 from ckptd.daemon.pipeline import STAGE_TIMEOUT_S, Pipeline, PipelineOptions
+from ckptd.daemon.rootguard import CHECK_INTERVAL_S, RootGone, RootGuard
 from ckptd.protocol import PROTOCOL_VERSION, StatusReply, Welcome
 from ckptd.storage import Storage
 
@@ -88,6 +91,10 @@ class Daemon:
         self._listener: socket.socket | None = None
         self._lock_fd: int | None = None
         self._root_lock_fd: int | None = None
+        self._sock_dir_fd: int | None = None
+        self._root: RootGuard | None = None
+        self._root_watch: asyncio.Task[None] | None = None
+        self._gone: RootGone | None = None
         self._stop = asyncio.Event()
         self._signals = 0
         self._started = time.monotonic()
@@ -101,6 +108,8 @@ class Daemon:
             await self._stop.wait()
         finally:
             await self.shutdown()
+        if self._gone is not None:
+            raise DaemonError(str(self._gone)) from self._gone
 
     # --- startup ---------------------------------------------------------------------------------
 
@@ -109,29 +118,42 @@ class Daemon:
         _raise_fd_limit()
         _yield_session_cpu(opts.writer_nice)
         opts.root.mkdir(parents=True, exist_ok=True)
-        opts.socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        _check_private_dir(opts.socket_path.parent)
+        try:  # checked before anything in it is opened; files in it are opened through this fd
+            self._sock_dir_fd = sockdir.open_socket_dir(opts.socket_path.parent, create=True)
+        except sockdir.UnsafeSocketDir as e:
+            raise DaemonError(str(e)) from e
+        name = opts.socket_path.name
         self._lock_fd = _take_lock(
-            opts.socket_path.with_name(opts.socket_path.name + ".lock"),
+            name + ".lock",
+            self._sock_dir_fd,
+            opts.socket_path.with_name(name + ".lock"),
             f"one is already running (or starting) on {opts.socket_path}",
         )
         # Two daemons on one root would sweep each other's temp directories: one root, one daemon.
+        # The lock goes if the root is deleted: the root guard then stops this daemon.
+        self._root = RootGuard(opts.root)
+        self.pipeline.root = self._root
+        self.pipeline.on_root_gone = self.on_root_gone
         self._root_lock_fd = _take_lock(
-            opts.root / ".ckptd.lock", f"another daemon serves the root {opts.root}"
+            ".ckptd.lock",
+            self._root.fd,
+            opts.root / ".ckptd.lock",
+            f"another daemon serves the root {opts.root}",
         )
-        if _answers(opts.socket_path):
+        here = _in_dir(self._sock_dir_fd, name, opts.socket_path)
+        if _answers(here):
             raise DaemonError(
                 f"a ckptd daemon already answers on {opts.socket_path}; "
                 "use it, or stop it first (ckptd status shows its pid)"
             )
         with contextlib.suppress(FileNotFoundError):
-            opts.socket_path.unlink()  # stale: nobody answers on it, and we hold the lock
+            os.unlink(name, dir_fd=self._sock_dir_fd)  # stale: nobody answers on it, and we hold the lock
         for p in commit.sweep(self.storage, opts.root):
             log.info("swept leftover %s", p)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old = os.umask(0o177)
         try:
-            sock.bind(str(opts.socket_path))
+            sock.bind(here)
         finally:
             os.umask(old)
         sock.listen(64)
@@ -147,6 +169,25 @@ class Daemon:
         self.notifier.ready(f"serving {opts.root} on {opts.socket_path}")
         if self.notifier.watchdog_interval_s is not None:
             self._watchdog = asyncio.create_task(self._ping_watchdog(self.notifier.watchdog_interval_s))
+        self._root_watch = asyncio.create_task(self._watch_root(self._root))
+
+    async def _watch_root(self, root: RootGuard) -> None:
+        """Stop once the root is gone (checked off the loop: a hung mount must not stall it)."""
+        loop = asyncio.get_running_loop()
+        while root.gone is None:
+            await asyncio.sleep(CHECK_INTERVAL_S)
+            try:
+                await loop.run_in_executor(None, root.check)
+            except RootGone as e:
+                self.on_root_gone(e)
+
+    def on_root_gone(self, gone: RootGone) -> None:
+        """Refuse snapshots from now on, drain, and exit with the reason (so the path can be served
+        by a fresh daemon, alone)."""
+        if self._gone is None:
+            self._gone = gone
+            log.error("%s", gone)
+            self._stop.set()
 
     async def _ping_watchdog(self, interval_s: float) -> None:
         # Runs on the event loop: if the loop wedges, the pings stop and systemd restarts us.
@@ -171,7 +212,9 @@ class Daemon:
 
     @property
     def stopping(self) -> bool:
-        return self._stop.is_set()
+        """Whether snapshots are refused as "shutting down"; once the root is gone the pipeline
+        refuses them itself, saying so (``root_gone``)."""
+        return self._stop.is_set() and self._gone is None
 
     # --- main loop -------------------------------------------------------------------------------
 
@@ -245,7 +288,7 @@ class Daemon:
             self._listener.close()
             self._listener = None
             with contextlib.suppress(FileNotFoundError):
-                self.options.socket_path.unlink()
+                os.unlink(self.options.socket_path.name, dir_fd=self._sock_dir_fd)
         if not await self.pipeline.drain(self.options.drain_timeout_s):
             log.error(
                 "in-flight snapshots did not finish within %ss; abandoning them", self.options.drain_timeout_s
@@ -256,41 +299,42 @@ class Daemon:
         if writers:  # let queued replies (the drained jobs' Committed) reach their clients
             await asyncio.wait(writers, timeout=5.0)
         self.pipeline.close()
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        for task in (self._watchdog, self._root_watch):
+            if task is not None:
+                task.cancel()
         if self._metrics_server is not None:
             self._metrics_server.close()
-        for fd in (self._lock_fd, self._root_lock_fd):
+        for fd in (self._lock_fd, self._root_lock_fd, self._sock_dir_fd):
             if fd is not None:
                 os.close(fd)
-        self._lock_fd = self._root_lock_fd = None
+        self._lock_fd = self._root_lock_fd = self._sock_dir_fd = None
+        if self._root is not None:
+            self._root.close()
+            self._root = None
         log.info("ckptd stopped")
 
 
-def _take_lock(lock_path: Path, held_means: str) -> int:
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+def _take_lock(name: str, dir_fd: int, shown: Path, held_means: str) -> int:
+    """Lock ``name`` in the directory ``dir_fd`` (made if missing, never through a symlink)."""
+    try:
+        fd = sockdir.open_private_file(name, dir_fd, os.O_RDWR | os.O_CREAT, "the lock file", shown)
+    except sockdir.UnsafeSocketDir as e:
+        raise DaemonError(str(e)) from e
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise DaemonError(
-            f"another ckptd daemon holds {lock_path}: {held_means}; use it, or stop it first"
+            f"another ckptd daemon holds {shown}: {held_means}; use it, or stop it first"
         ) from None
     return fd
 
 
-def _check_private_dir(path: Path) -> None:
-    """The socket's directory must be ours and not writable by others (unless sticky, like /tmp):
-    otherwise another user could plant a socket or symlinks where clients will connect."""
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise DaemonError(f"{path} is not a directory (a symlink?); choose another socket path")
-    sticky = bool(st.st_mode & stat.S_ISVTX)
-    if not sticky and (st.st_uid != os.geteuid() or st.st_mode & 0o022):
-        raise DaemonError(
-            f"{path} is owned by uid {st.st_uid} or writable by others (mode {stat.S_IMODE(st.st_mode):o}); "
-            "put the socket in a private directory"
-        )
+def _in_dir(dir_fd: int, name: str, path: Path) -> str:
+    """A path to ``name`` through the checked directory's descriptor (so a directory swapped in
+    since the check is not the one bound or connected to), where /proc allows it."""
+    proc = f"/proc/self/fd/{dir_fd}"
+    return f"{proc}/{name}" if os.path.isdir(proc) else str(path)
 
 
 def _raise_fd_limit() -> None:
@@ -312,11 +356,11 @@ def _yield_session_cpu(nice: int) -> None:
         Path("/proc/self/autogroup").write_text(f"{min(nice, 19)}\n")
 
 
-def _answers(socket_path: Path) -> bool:
+def _answers(socket_path: str) -> bool:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     s.settimeout(1.0)
     try:
-        s.connect(str(socket_path))
+        s.connect(socket_path)
     except OSError:
         return False
     finally:
