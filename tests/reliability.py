@@ -35,6 +35,7 @@ FILES = [
     "tests/test_hostile.py",
     "tests/test_load.py",
     "tests/test_streaming.py",
+    "tests/test_socket_dir.py",
 ]
 
 
@@ -155,6 +156,37 @@ SCENARIOS = [
         "Client RSS, descriptors and memfd mappings, daemon RSS and descriptors flat over 100 "
         "snapshot cycles after warm-up.",
         r"test_load\.py::test_hundred_cycles",
+    ),
+    Scenario(
+        "Another user made the socket directory",
+        "A second real uid (setpriv) makes `/tmp/ckptd-<victim uid>` first: mode 1777 with "
+        "`ckptd.sock.log` symlinked to a victim's file (or to a new path), a pre-made readable log, "
+        "a listening socket of its own, or the directory as a symlink; also a socket in a sticky "
+        "shared directory and a log that is a symlink, FIFO or hard link. The victim's autostart "
+        "and `serve --detach` are refused with what is wrong and the fix; nothing is written "
+        "through the link, nothing reaches the attacker's log or socket, no daemon runs.",
+        r"test_socket_dir\.py::test_(attacker|default_dir_as|socket_in_a_sticky|log_that_is)",
+    ),
+    Scenario(
+        "Fresh machine: no socket directory yet",
+        "`examples/demo.py` run as a new uid with no `/tmp/ckptd-<uid>`, no CKPTD_* and no "
+        "XDG_RUNTIME_DIR (as README runs it); a fresh XDG_RUNTIME_DIR; `serve --detach "
+        "--log-file DIR/x.log` with DIR missing (the Slurm script). The directory is made 0700, "
+        "the log 0600, the snapshots commit.",
+        r"test_socket_dir\.py::test_(demo_on_a_fresh|fresh_xdg|detach_with_a_log)",
+    ),
+    Scenario(
+        "Root deleted or replaced while the daemon runs",
+        "`rm -rf` of the root mid-write (slow daemon), of an idle daemon's root, and deleted then "
+        "made again with a second daemon started on it: the snapshot fails `root_gone` saying "
+        "what happened (not 'older checkpoints are intact'), the first daemon exits 1 and its "
+        "socket is removed; the second daemon commits alone.",
+        r"test_socket_dir\.py::test_(root_deleted|a_replaced_root|idle_daemon_stops)",
+    ),
+    Scenario(
+        "Empty run name",
+        '`snapshot(run="")` is refused at once with the naming rule, not written to `default`.',
+        r"test_socket_dir\.py::test_empty_run_name",
     ),
 ]
 
