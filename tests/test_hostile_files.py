@@ -259,12 +259,13 @@ def test_damaged_shard_header_is_corrupt_and_restore_falls_back(two_steps: Commi
     # The manifest is resealed with the damaged shard's checksum: only the header check is left.
     reseal(step_dir, lambda m: with_shard(m, 0, record_of(shard, shard.name)))
 
-    r = read_in_child(f"verify:{step_dir}", f"load:{step_dir}", f"load:{two_steps.run_dir}", f"restore:{two_steps.run_dir}")
+    run_dir = two_steps.run_dir
+    r = read_in_child(f"verify:{step_dir}", f"load:{step_dir}", f"load:{run_dir}", f"restore:{run_dir}")
     problems = r[f"verify:{step_dir}"]["problems"]
     assert problems and any(shard.name in p for p in problems), problems
     assert_refused(r[f"load:{step_dir}"], shard.name)
-    assert_refused(r[f"load:{two_steps.run_dir}"], shard.name)  # the run's newest manifest is intact
-    assert_fell_back_to_step_1(r[f"restore:{two_steps.run_dir}"], step_dir)
+    assert_refused(r[f"load:{run_dir}"], shard.name)  # the run's newest manifest is intact
+    assert_fell_back_to_step_1(r[f"restore:{run_dir}"], step_dir)
 
 
 # --- item 7: file names that leave the step directory -------------------------------------------
@@ -314,13 +315,14 @@ def test_manifest_file_names_are_confined_to_the_step_directory(
         edit = lambda m: with_shard(m, 0, m.components[0].shards[0].model_copy(update={"file": name}))  # noqa: E731
     reseal(step_dir, edit)
 
-    r = read_in_child(f"verify:{step_dir}", f"load:{step_dir}", f"load:{two_steps.run_dir}", f"restore:{two_steps.run_dir}")
+    run_dir = two_steps.run_dir
+    r = read_in_child(f"verify:{step_dir}", f"load:{step_dir}", f"load:{run_dir}", f"restore:{run_dir}")
     problems = r[f"verify:{step_dir}"]["problems"]
     assert problems and any("not a plain file name" in p and repr(name) in p for p in problems), problems
     assert_refused(r[f"load:{step_dir}"], "not a plain file name")
     # The manifest itself is refused, so the run's newest readable step is step 1.
-    assert r[f"load:{two_steps.run_dir}"] == {"step": 1, "model": expected_model(1)}
-    assert_fell_back_to_step_1(r[f"restore:{two_steps.run_dir}"], step_dir)
+    assert r[f"load:{run_dir}"] == {"step": 1, "model": expected_model(1)}
+    assert_fell_back_to_step_1(r[f"restore:{run_dir}"], step_dir)
 
     done = cli("verify", step_dir)
     assert done.returncode != 0 and "not a plain file name" in done.stdout + done.stderr, done
@@ -380,7 +382,9 @@ SHARD_CASES = ["fifo", "dev-zero", "link-to-copy"]
 
 
 @pytest.mark.parametrize("what", SHARD_CASES)
-def test_special_shard_is_corrupt_and_restore_falls_back(two_steps: Committed, outside: Path, what: str) -> None:
+def test_special_shard_is_corrupt_and_restore_falls_back(
+    two_steps: Committed, outside: Path, what: str
+) -> None:
     step_dir, run_dir = two_steps.newest, two_steps.run_dir
     shard = step_dir / read_manifest(step_dir).components[0].shards[-1].file
     word = _plant(shard, what, outside)
