@@ -7,6 +7,8 @@ from pathlib import Path
 
 import xxhash
 
+from ckptd.safeio import open_regular
+
 ALGORITHM = "xxh3_128"
 _CHUNK = 16 * 2**20
 
@@ -20,15 +22,20 @@ def of_bytes(data: bytes) -> str:
 
 
 def of_file(path: Path) -> tuple[str, int]:
-    """(hex digest, size) of a file, read in large chunks."""
-    h = new()
-    size = 0
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    """(hex digest, size) of a regular file (never a link, FIFO or device: ``UnsafeFile``)."""
+    fd = open_regular(path)
     try:
-        view = memoryview(bytearray(max(1, min(_CHUNK, os.fstat(fd).st_size))))
-        while n := os.readv(fd, [view]):
-            h.update(view[:n])
-            size += n
+        return of_fd(fd)
     finally:
         os.close(fd)
+
+
+def of_fd(fd: int) -> tuple[str, int]:
+    """(hex digest, size) of an open regular file from offset 0, read in large chunks."""
+    h = new()
+    size = 0
+    view = memoryview(bytearray(max(1, min(_CHUNK, os.fstat(fd).st_size))))
+    while n := os.preadv(fd, [view], size):
+        h.update(view[:n])
+        size += n
     return h.hexdigest(), size

@@ -229,7 +229,7 @@ def _ls(root: Path, *, as_json: bool) -> int:
 
 
 def _verify(path: Path) -> int:
-    steps = [] if (path / MANIFEST_NAME).exists() else paths.committed_steps(path)
+    steps = [] if os.path.lexists(path / MANIFEST_NAME) else paths.committed_steps(path)
     if steps:
         step_dir = steps[-1][1]  # a run: its highest step, even if its manifest is what broke
     else:

@@ -17,13 +17,14 @@ import contextlib
 import errno
 import logging
 import mmap
+import os
 import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ckptd import checksum, paths
+from ckptd import checksum, paths, safeio
 from ckptd.manifest import MANIFEST_NAME, FileRecord, Manifest
 from ckptd.storage import DIRECT_ALIGN, Storage
 
@@ -64,10 +65,16 @@ def stage(storage: Storage, root: Path, run: str, step: int) -> StagedCheckpoint
             pass
         storage.fsync_dir(root)
     staged = StagedCheckpoint(run_dir, step, run_dir / paths.temp_dirname(step, secrets.token_hex(4)))
-    if staged.final_dir.exists():
+    found = safeio.lstat_kind(staged.final_dir)  # a link is not followed: it is what is there
+    if found == "a directory":
         raise CommitError(
             f"step {step} of run {run!r} is already committed at {staged.final_dir}; "
             "snapshot a new step or delete that directory"
+        )
+    if found is not None:
+        raise CommitError(
+            f"{staged.final_dir} exists and is not a checkpoint directory ({found}); remove it "
+            f"to snapshot step {step} of run {run!r}"
         )
     storage.mkdir(staged.temp_dir)
     return staged
@@ -199,7 +206,7 @@ def commit(storage: Storage, staged: StagedCheckpoint) -> Path:
     failed snapshot. ``LATEST`` only moves forward, to a higher step.
     """
     final = staged.final_dir
-    if final.exists():
+    if os.path.lexists(final):
         raise CommitError(f"{final} appeared while step {staged.step} was being written")
     storage.rename(staged.temp_dir, final)
     try:
@@ -210,7 +217,7 @@ def commit(storage: Storage, staged: StagedCheckpoint) -> Path:
             storage.rename(final, staged.temp_dir)
             storage.fsync_dir(staged.run_dir)
         raise
-    current = paths.read_latest(staged.run_dir)
+    current = paths.read_latest(staged.run_dir)  # never follows a link nor blocks; None if not valid
     current_step = paths.parse_step_dirname(current) if current else None
     if current_step is not None and current_step > staged.step:
         log.warning("%s committed; LATEST stays at the higher %s", final, current)

@@ -7,14 +7,32 @@ from __future__ import annotations
 
 import builtins
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, JsonValue, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, JsonValue, ValidationError
 
 from ckptd import checksum
+from ckptd.safeio import read_small
 
 MANIFEST_NAME = "ckptd.json"
 FORMAT = "ckptd/1"
+#: A manifest larger than this is refused unread. Its tree and small files come from one request
+#: frame (64 MiB); the rest is one short record per shard and file.
+MAX_MANIFEST_BYTES = 1 << 30
+
+
+def plain_name(name: str) -> str:
+    """A file name inside the step directory: no directory part, no '..', no NUL. Checked when a
+    manifest is read, so no reader can be sent outside the step directory by one."""
+    if not name or "/" in name or "\x00" in name or name in (".", ".."):
+        raise ValueError(
+            f"file name {name!r} is not a plain file name in the step directory "
+            "(a manifest names its files without '/', '..' or NUL)"
+        )
+    return name
+
+
+FileName = Annotated[str, AfterValidator(plain_name)]
 
 
 class _Model(BaseModel):
@@ -23,14 +41,14 @@ class _Model(BaseModel):
 
 
 class FileRecord(_Model):
-    file: str
+    file: FileName
     bytes: int
     xxh3_128: str
 
 
 class ComponentRecord(_Model):
     name: str
-    index: str
+    index: FileName
     shards: list[FileRecord]
     tensors: int
     total_size: int
@@ -58,20 +76,29 @@ class Manifest(_Model):
         return head + checksum.of_bytes(body).encode() + tail
 
 
-class ManifestError(ValueError):
-    """The manifest is missing, unreadable, or does not match its own checksum."""
+class CorruptCheckpoint(ValueError):
+    """A committed step that cannot be read as the checkpoint its manifest describes (damaged,
+    truncated, or holding files ckptd never writes). ``restore`` falls back past exactly these."""
+
+
+class ManifestError(CorruptCheckpoint):
+    """The manifest is missing, unreadable, malformed, or does not match its own checksum."""
 
 
 def read_manifest(step_dir: Path) -> Manifest:
     path = step_dir / MANIFEST_NAME
     try:
-        raw = path.read_bytes()
+        raw = read_small(path, MAX_MANIFEST_BYTES)
     except OSError as e:
         raise ManifestError(f"{path}: cannot read manifest ({e.strerror}); not a ckptd checkpoint") from e
     try:
         manifest = Manifest.model_validate_json(raw)
     except ValidationError as e:
-        raise ManifestError(f"{path}: manifest is malformed ({e.error_count()} errors)") from e
+        first = e.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        raise ManifestError(
+            f"{path}: manifest is malformed ({e.error_count()} errors; {where}: {first['msg']})"
+        ) from e
     try:
         head, tail = _split_checksum(raw)
     except ValueError as e:

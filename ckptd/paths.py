@@ -7,11 +7,17 @@ one being written and is never read as a checkpoint.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
 
+from ckptd.safeio import read_small
+
+log = logging.getLogger(__name__)
 LATEST = "LATEST"
+#: ``LATEST`` holds one step directory name; a longer one is not ckptd's.
+_MAX_LATEST_BYTES = 4096
 TEMP_MARKER = ".ckptd-tmp-"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -47,23 +53,39 @@ def parse_step_dirname(name: str) -> int | None:
 
 
 def committed_steps(run_dir: Path) -> list[tuple[int, Path]]:
-    """Committed step directories of a run (by name only), ascending by step."""
+    """Committed step directories of a run (by name only), ascending by step. Only real
+    directories count: a symlink, FIFO or file under a step's name is not a checkpoint."""
     try:
-        entries = list(run_dir.iterdir())
-    except FileNotFoundError:
+        with os.scandir(run_dir) as it:
+            entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+    except (FileNotFoundError, NotADirectoryError):
         return []
     steps = []
-    for p in entries:
-        step = parse_step_dirname(p.name)
-        if step is not None and p.is_dir() and not p.is_symlink():
-            steps.append((step, p))
+    for name, is_dir in entries:
+        step = parse_step_dirname(name)
+        if step is not None and is_dir:
+            steps.append((step, run_dir / name))
     return sorted(steps)
 
 
 def read_latest(run_dir: Path) -> str | None:
+    """The step directory name ``LATEST`` holds, or None if it is missing or not valid.
+
+    Read without following a link, only from a regular file and only a few bytes: a FIFO, a
+    link to ``/dev/zero`` or out of the root, or a huge file there is ignored with a warning (the
+    next commit's rename replaces the name, never a link's target).
+    """
+    path = run_dir / LATEST
     try:
-        name = (run_dir / LATEST).read_text().strip()
+        raw = read_small(path, _MAX_LATEST_BYTES)
     except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        log.warning("ignoring %s: %s (a commit replaces it with a regular file)", path, e.strerror)
+        return None
+    try:
+        name = raw.decode().strip()
+    except UnicodeDecodeError:
         return None
     return name if parse_step_dirname(name) is not None else None
 

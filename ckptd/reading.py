@@ -12,15 +12,21 @@ from pathlib import Path
 from typing import Any
 
 from ckptd import checksum, paths, tree
-from ckptd.manifest import MANIFEST_NAME, FileRecord, Manifest, ManifestError, read_manifest
+from ckptd.manifest import (
+    MANIFEST_NAME,
+    CorruptCheckpoint,
+    FileRecord,
+    Manifest,
+    ManifestError,
+    read_manifest,
+)
+from ckptd.safeio import open_regular
 from ckptd.shardfile import ShardFormatError, decode_header, header_span
+
+__all__ = ["CorruptCheckpoint", "ManifestError", "latest", "load", "verify"]
 
 log = logging.getLogger(__name__)
 _CHUNK = 64 * 2**20
-
-
-class CorruptCheckpoint(ValueError):
-    """A checkpoint whose files do not match its manifest."""
 
 
 def latest(root: str | os.PathLike[str], run: str = "default") -> Path | None:
@@ -58,30 +64,41 @@ def verify(path: str | os.PathLike[str]) -> list[str]:
 
 
 def _check_file(step_dir: Path, record: FileRecord, *, shard_file: bool) -> list[str]:
-    path = step_dir / record.file
+    path = step_dir / record.file  # a plain name (the manifest checks): inside step_dir
     try:
-        digest, size = checksum.of_file(path)
+        fd = open_regular(path)
     except OSError as e:
         return [f"{path}: cannot read ({e.strerror})"]
-    if size != record.bytes:
-        return [f"{path}: {size} bytes, manifest says {record.bytes} (truncated or replaced)"]
-    if digest != record.xxh3_128:
-        return [f"{path}: checksum mismatch (xxh3_128 {digest}, manifest says {record.xxh3_128})"]
-    if shard_file:
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            prefix += f.read(header_span(prefix) - len(prefix))
-        try:
-            decode_header(prefix, size, str(path))
-        except ShardFormatError as e:
-            return [str(e)]
+    try:
+        size = os.fstat(fd).st_size
+        if size != record.bytes:
+            return [f"{path}: {size} bytes, manifest says {record.bytes} (truncated or replaced)"]
+        digest, size = checksum.of_fd(fd)
+        if size != record.bytes:
+            return [f"{path}: {size} bytes, manifest says {record.bytes} (changed while read)"]
+        if digest != record.xxh3_128:
+            return [f"{path}: checksum mismatch (xxh3_128 {digest}, manifest says {record.xxh3_128})"]
+        if shard_file:
+            decode_header(_read_header(fd, size), size, str(path))
+    except ShardFormatError as e:
+        return [str(e)]
+    except OSError as e:
+        return [f"{path}: cannot read ({e.strerror})"]
+    finally:
+        os.close(fd)
     return []
+
+
+def _read_header(fd: int, size: int) -> bytes:
+    """A shard's length field and header, never more than the file holds."""
+    first8 = os.pread(fd, min(8, size), 0)
+    return first8 + os.pread(fd, max(0, min(header_span(first8), size) - len(first8)), len(first8))
 
 
 def resolve(path: str | os.PathLike[str], run: str = "default") -> Path:
     """A checkpoint directory from a step directory, a run directory or a root."""
     p = Path(path)
-    if (p / MANIFEST_NAME).exists():
+    if os.path.lexists(p / MANIFEST_NAME):  # whatever it is: read_manifest says what is wrong
         return p
     if (p / paths.LATEST).exists() or paths.committed_steps(p):
         found = latest(p.parent, p.name)
@@ -96,7 +113,9 @@ def load(path: str | os.PathLike[str], *, verify_checksums: bool = True) -> dict
     """Load a checkpoint into plain objects: ``{"model": {name: tensor}, "optimizer": ..., ...}``.
 
     ``path`` is a step directory, or a run directory (its newest intact step). Tied tensors come
-    back as one tensor under every name. Raises ``CorruptCheckpoint`` when a checksum fails.
+    back as one tensor under every name. Raises ``CorruptCheckpoint`` (``ManifestError`` for the
+    manifest) for a damaged checkpoint: a checksum that fails, a malformed shard, a file that is
+    not a regular file in the step directory.
 
     >>> state = ckptd.load("checkpoints/default/step-000500")  # doctest: +SKIP
     >>> model.load_state_dict(state["model"])                   # doctest: +SKIP
@@ -107,6 +126,7 @@ def load(path: str | os.PathLike[str], *, verify_checksums: bool = True) -> dict
 
 
 def load_manifest(step_dir: Path, manifest: Manifest, *, verify_checksums: bool = True) -> dict[str, Any]:
+    """Load a step whose manifest was read; every problem with its files is ``CorruptCheckpoint``."""
     if verify_checksums:
         problems = [p for f in manifest.files for p in _check_file(step_dir, f, shard_file=False)]
         if problems:
@@ -117,6 +137,10 @@ def load_manifest(step_dir: Path, manifest: Manifest, *, verify_checksums: bool 
         for shard in c.shards:
             loaded.update(read_shard(step_dir / shard.file, shard if verify_checksums else None))
         for alias, target in c.aliases.items():
+            if target not in loaded:
+                raise CorruptCheckpoint(
+                    f"{step_dir}: alias {c.name}/{alias} names a missing tensor {target!r}"
+                )
             loaded[alias] = loaded[target]
         tensors[c.name] = loaded
 
@@ -128,7 +152,10 @@ def load_manifest(step_dir: Path, manifest: Manifest, *, verify_checksums: bool 
                 f"{step_dir}: tensor {component}/{name} missing from the shards"
             ) from None
 
-    out = tree.decode(manifest.tree, lookup)
+    try:
+        out = tree.decode(manifest.tree, lookup)
+    except tree.TreeError as e:
+        raise CorruptCheckpoint(f"{step_dir}: {e}") from e
     if not isinstance(out, dict):
         raise CorruptCheckpoint(f"{step_dir}: manifest tree is not a dict")
     return out
@@ -145,16 +172,19 @@ def read_shard(path: Path, record: FileRecord | None) -> dict[str, Any]:
     from ckptd.torch_dtypes import FROM_SAFETENSORS
 
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_regular(path)
     except OSError as e:
         raise CorruptCheckpoint(
             f"{path}: cannot read shard ({e.strerror}); the checkpoint is incomplete"
         ) from e
     try:
         size = os.fstat(fd).st_size
+        if record is not None and size != record.bytes:  # before allocating anything for it
+            raise CorruptCheckpoint(
+                f"{path}: {size} bytes, manifest says {record.bytes} (truncated or replaced)"
+            )
         h = checksum.new()
-        first8 = os.pread(fd, 8, 0)
-        prefix = first8 + os.pread(fd, max(0, header_span(first8) - len(first8)), len(first8))
+        prefix = _read_header(fd, size)
         try:
             header = decode_header(prefix, size, str(path))
         except ShardFormatError as e:
@@ -166,6 +196,8 @@ def read_shard(path: Path, record: FileRecord | None) -> dict[str, Any]:
             raw = memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
             _read_into(fd, raw, header.data_start + entry.start, h, path)
             out[entry.name] = t
+    except OSError as e:
+        raise CorruptCheckpoint(f"{path}: cannot read shard ({e.strerror})") from e
     finally:
         os.close(fd)
     if record is not None and (size != record.bytes or h.hexdigest() != record.xxh3_128):

@@ -62,8 +62,10 @@ class ParsedHeader:
 def decode_header(prefix: bytes, file_size: int, what: str) -> ParsedHeader:
     """Parse and check a header read from the start of a file of ``file_size`` bytes.
 
-    ``prefix`` must hold at least the length field and the header. Checks what safetensors checks:
-    known dtypes, sizes that match shapes, tensors that cover the data section without gaps.
+    ``prefix`` must hold at least the length field and the header. Checks what safetensors checks,
+    and everything a reader relies on before it allocates: a JSON object of entries, known dtypes,
+    shapes of non-negative integers that a tensor can have, sizes that match shapes, tensors that
+    cover the data section without gaps. Anything else is a ``ShardFormatError``.
     """
     if len(prefix) < _U64.size:
         raise ShardFormatError(f"{what}: file is {file_size} bytes, too short for a header")
@@ -74,23 +76,17 @@ def decode_header(prefix: bytes, file_size: int, what: str) -> ParsedHeader:
         raise ShardFormatError(f"{what}: header truncated")
     try:
         raw = json.loads(prefix[_U64.size : _U64.size + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ShardFormatError(f"{what}: header is not valid JSON ({e})") from e
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        # RecursionError: nesting deeper than any header has (the C parser stops safely).
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise ShardFormatError(f"{what}: header is not valid JSON ({reason})") from e
     if not isinstance(raw, dict):
         raise ShardFormatError(f"{what}: header is not a JSON object")
-    metadata = raw.pop("__metadata__", {}) or {}
-    entries = []
-    for name, info in raw.items():
-        try:
-            dtype, shape = str(info["dtype"]), tuple(int(d) for d in info["shape"])
-            start, end = (int(x) for x in info["data_offsets"])
-            size = numel(shape) * itemsize(dtype)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ShardFormatError(f"{what}: bad header entry for {name!r} ({e})") from e
-        if end - start != size:
-            raise ShardFormatError(f"{what}: {name!r} spans {end - start} bytes, shape needs {size}")
-        entries.append(HeaderEntry(name, dtype, shape, start, end))
+    metadata = raw.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ShardFormatError(f"{what}: __metadata__ must map strings to strings")
     data_start = _U64.size + n
+    entries = [_entry(name, info, file_size - data_start, what) for name, info in raw.items()]
     pos = 0
     for entry in sorted(entries, key=lambda x: (x.start, x.end)):
         if entry.start != pos:
@@ -98,4 +94,41 @@ def decode_header(prefix: bytes, file_size: int, what: str) -> ParsedHeader:
         pos = entry.end
     if data_start + pos != file_size:
         raise ShardFormatError(f"{what}: header describes {data_start + pos} bytes, file has {file_size}")
-    return ParsedHeader(data_start, tuple(entries), {str(k): str(v) for k, v in metadata.items()})
+    return ParsedHeader(data_start, tuple(entries), dict(metadata))
+
+
+#: Strides (products of trailing dimensions, a zero counted as one) and byte sizes must fit int64.
+_MAX_EXTENT = 2**62
+
+
+def _entry(name: str, info: object, data_bytes: int, what: str) -> HeaderEntry:
+    """One tensor's entry, checked so that allocating it cannot fail or exceed the file."""
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise ShardFormatError(f"{what}: entry {name!r} must have exactly dtype, shape and data_offsets")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    try:
+        size = itemsize(dtype) if isinstance(dtype, str) else itemsize(repr(dtype))
+    except ValueError as e:
+        raise ShardFormatError(f"{what}: entry {name!r}: {e}") from e
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise ShardFormatError(f"{what}: entry {name!r} has shape {shape!r}; dimensions are integers >= 0")
+    extent = size
+    for d in shape:
+        extent *= max(d, 1)
+        if extent > _MAX_EXTENT:
+            raise ShardFormatError(f"{what}: entry {name!r} has shape {shape!r}, larger than any tensor")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(x) for x in offsets)):
+        raise ShardFormatError(f"{what}: entry {name!r} has data_offsets {offsets!r}; expected [start, end]")
+    start, end = offsets
+    if not 0 <= start <= end <= data_bytes:
+        raise ShardFormatError(
+            f"{what}: entry {name!r} has data_offsets {offsets!r} outside the {data_bytes}-byte data section"
+        )
+    nbytes = numel(shape) * size
+    if end - start != nbytes:
+        raise ShardFormatError(f"{what}: {name!r} spans {end - start} bytes, shape needs {nbytes}")
+    return HeaderEntry(name, dtype, tuple(shape), start, end)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ckptd import paths, reading
-from ckptd.manifest import ManifestError, read_manifest
+from ckptd import paths, reading, safeio
+from ckptd.manifest import read_manifest
 from client.errors import CheckpointError
 from client.offload import is_offloaded, load_offloaded_state_dict
 from client.tree import normalize, optimizer_param_order, param_names
@@ -28,9 +28,12 @@ def restore_run(obj: object, run_dir: Path, *, step: int | None, fallback: bool)
         candidates = reading.candidates(run_dir)[: None if fallback else 1]
     for i, step_dir in enumerate(candidates):
         try:
+            found = safeio.lstat_kind(step_dir)
+            if found not in ("a directory", None):  # ckptd never makes one; a link is not followed
+                raise reading.CorruptCheckpoint(f"{step_dir} is {found}, not a checkpoint directory")
             manifest = read_manifest(step_dir)
             loaded = reading.load_manifest(step_dir, manifest)
-        except (ManifestError, reading.CorruptCheckpoint, OSError) as e:
+        except reading.CorruptCheckpoint as e:  # ManifestError too: every damaged step, no more
             if step is not None or not fallback:
                 raise CheckpointError(f"cannot restore {step_dir}: {e}", code="corrupt") from e
             later = "; trying an older step" if i + 1 < len(candidates) else ""

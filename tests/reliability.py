@@ -36,6 +36,7 @@ FILES = [
     "tests/test_load.py",
     "tests/test_streaming.py",
     "tests/test_socket_dir.py",
+    "tests/test_hostile_files.py",
 ]
 
 
@@ -187,6 +188,47 @@ SCENARIOS = [
         "Empty run name",
         '`snapshot(run="")` is refused at once with the naming rule, not written to `default`.',
         r"test_socket_dir\.py::test_empty_run_name",
+    ),
+    Scenario(
+        "Damaged shard header in the newest step",
+        "A real daemon commits steps 1 and 2; a shard of step 2 gets a negative dimension, a zero "
+        "dimension next to huge ones, float dimensions, 100,000-deep JSON or offsets past the "
+        "file, and the manifest is resealed with its checksum. Readers run in a child process "
+        "with a timeout: `verify` names the shard, `ckptd.load` raises `CorruptCheckpoint` (never "
+        "a raw RuntimeError/RecursionError), `restore` falls back to step 1 bit-exact with a warning.",
+        r"test_hostile_files\.py::test_damaged_shard_header",
+    ),
+    Scenario(
+        "Manifest file names that leave the step directory",
+        "Step 2's manifest (resealed) names a shard `../../outside/x` or an absolute path to a "
+        "bit-identical copy, `/dev/zero`, `../../../etc/passwd` with its checksum, an absolute "
+        "index, a name with NUL. The manifest is refused as not naming plain file names: `verify` "
+        "and `ckptd verify` say so, `load` of the run and `restore` give step 1 bit-exact.",
+        r"test_hostile_files\.py::test_manifest_file_names",
+    ),
+    Scenario(
+        "Special files in a checkpoint (FIFOs, links to /dev/zero, huge files)",
+        "`ckptd.json`, a shard or an index of step 2 replaced by a FIFO, a symlink to /dev/zero, a "
+        "symlink to an identical regular copy, or a 2 GiB sparse file; `LATEST` as a FIFO or a link "
+        "to /dev/zero. Every reader (`load`, `restore`, `verify`, `ckptd ls`, `ckptd verify`) runs "
+        "bounded in a child: none hangs or runs out of memory, each names the file and what it is, "
+        "`restore` falls back to step 1 bit-exact.",
+        r"test_hostile_files\.py::test_special_",
+    ),
+    Scenario(
+        "The daemon reads a hostile LATEST",
+        "`LATEST` replaced by a FIFO, a link to /dev/zero or to /etc/passwd before steps 2 and 3 "
+        "(with `--keep-last 2`): both commit within 20 s, `LATEST` becomes a regular file naming "
+        "step 3, /etc/passwd is untouched, the daemon log warns, `restore` gives step 3 bit-exact.",
+        r"test_hostile_files\.py::test_daemon_commits_past",
+    ),
+    Scenario(
+        "Something other than a directory at a step path",
+        "`step-000003` pre-made as a FIFO, a regular file, a symlink to a valid-looking copy "
+        "outside the root, or a dangling symlink: snapshot step 3 fails with `commit_error` "
+        'saying what is there and to remove it (not "already committed"); `committed_steps`, '
+        "`ckptd ls`, `load` and `restore` ignore it and give step 2; nothing outside is touched.",
+        r"test_hostile_files\.py::test_non_directory_at_a_step_path",
     ),
 ]
 
