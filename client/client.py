@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -19,8 +20,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from pydantic import JsonValue
-
 from ckptd import paths
 from ckptd.protocol import (
     Abandon,
@@ -28,7 +27,6 @@ from ckptd.protocol import (
     DaemonMessage,
     Failed,
     Heartbeat,
-    JobStatus,
     ProtocolError,
     RegisterArena,
     ReleaseArena,
@@ -37,7 +35,6 @@ from ckptd.protocol import (
     StatusRequest,
     encode,
     encode_register_layout,
-    encode_snapshot,
 )
 from ckptd.sizes import parse_size
 from client import restore as restore_mod
@@ -45,8 +42,10 @@ from client.arena import Arena
 from client.channel import Channel
 from client.errors import CheckpointError
 from client.handle import CommitInfo, SnapshotHandle, now
+from client.inflight import InFlight, Request
 from client.liveness import Progress, Watchdog
 from client.plan import Plan, copy_pairs, make_plan, signature
+from client.reap import Lost, Reaper, committed
 from client.slots import Policy, Quarantine, SlotPool
 from client.spawn import connect_daemon, default_socket
 from client.staging import CudaStager, copy_host, copy_pairs_host
@@ -75,34 +74,6 @@ class ClientOptions:
     stuck_timeout_s: float = 300.0
 
 
-@dataclass(frozen=True)
-class _Request:
-    """What a snapshot asks of the daemon, minus its id (a resubmission gets a new one)."""
-
-    run: str
-    step: int
-    arena: Arena
-    plan: Plan
-    tree: JsonValue
-    files: dict[str, str]
-
-    def frame(self, snapshot_id: int, ready: int | None = None) -> bytes:
-        return encode_snapshot(
-            snapshot_id, self.run, self.step, self.arena.id, self.plan.layout_id, self.tree, self.files, ready
-        )
-
-
-@dataclass(frozen=True)
-class _InFlight:
-    """A snapshot handed to the daemon: its bytes stay in its arena until the outcome is known."""
-
-    handle: SnapshotHandle
-    request: _Request
-    frame: bytes  # the encoded request, with this handle's id
-    generation: int  # the arena's use count when this snapshot was copied into it
-    channel: Channel  # the connection it was sent on: only that connection's loss fails it
-
-
 class Client:
     def __init__(self, socket_path: Path, run: str, autostart: bool, options: ClientOptions) -> None:
         self.socket_path = socket_path
@@ -116,8 +87,8 @@ class Client:
         self._lock = threading.Condition()  # guards _pending, _orphans, _handles
         self._snapshot_lock = threading.RLock()  # one snapshot() / resubmit() / close() at a time
         self._slots = SlotPool(options.slots, self._release_remote)
-        self._pending: dict[int, _InFlight] = {}
-        self._orphans: list[_InFlight] = []  # in flight when the connection was lost
+        self._pending: dict[int, InFlight] = {}
+        self._orphans: list[InFlight] = []  # in flight when the connection was lost
         self._handles: list[SnapshotHandle] = []
         self._plan_key: object = None
         self._plan: Plan | None = None
@@ -127,8 +98,14 @@ class Client:
         self._closed = False
         self._progress = Progress(options.stuck_timeout_s)
         self._watchdog: Watchdog | None = None
-        # What the status replies said of the snapshots in quarantined slots, and since when.
-        self._reap_seen: dict[tuple[str, int], tuple[tuple[str, int], float]] = {}
+        self._reaper = Reaper(
+            self._slots,
+            self.status,
+            self._lost,
+            self._committed,
+            liveness_timeout_s=options.liveness_timeout_s,
+            stuck_timeout_s=options.stuck_timeout_s,
+        )
 
     # --- connecting ------------------------------------------------------------------------------
 
@@ -237,7 +214,7 @@ class Client:
             log.info("[run=%s step=%s] skipped: every slot is still being written", run, step)
             handle._skip()
             return self._taken(handle)
-        request = _Request(run, step, arena, plan, flat.tree, flat.files)
+        request = Request(run, step, arena, plan, flat.tree, flat.files)
         try:
             with self._snapshot_lock:
                 if self._closed:
@@ -321,7 +298,7 @@ class Client:
         return self._plan
 
     def _stage(
-        self, handle: SnapshotHandle, request: _Request, flat: Flat, channel: Channel, started: float
+        self, handle: SnapshotHandle, request: Request, flat: Flat, channel: Channel, started: float
     ) -> None:
         streamed = flat.host and not flat.cuda and self.options.stream and len(request.plan.batches) > 1
         try:
@@ -329,7 +306,7 @@ class Client:
             first = request.frame(handle.id, ready=0) if streamed else b""
         except ProtocolError as e:
             raise CheckpointError(f"snapshot request too large: {e}", code="too_large") from e
-        entry = _InFlight(handle, request, frame, request.arena.generation, channel)
+        entry = InFlight(handle, request, frame, request.arena.generation, channel)
         with self._lock:
             self._pending[handle.id] = entry
             self._handles.append(handle)
@@ -351,7 +328,7 @@ class Client:
         else:
             self._send(entry)
 
-    def _stream(self, entry: _InFlight, flat: Flat, first: bytes, started: float) -> None:
+    def _stream(self, entry: InFlight, flat: Flat, first: bytes, started: float) -> None:
         """Send the request (``first``) before copying, then copy batch by batch, telling the
         daemon after each how far the copy has got, so it writes while the rest is copied. If the
         connection goes, the copy still finishes (the slot then holds the whole snapshot for
@@ -388,7 +365,7 @@ class Client:
             return str(e)
         return None
 
-    def _sent_after_copy(self, entry: _InFlight, error: BaseException | None) -> None:
+    def _sent_after_copy(self, entry: InFlight, error: BaseException | None) -> None:
         entry.handle._set_staged()
         if error is not None:
             with self._lock:  # lost meanwhile: its slot holds a partial copy, never resubmit it
@@ -402,7 +379,7 @@ class Client:
         else:
             self._send(entry)
 
-    def _send(self, entry: _InFlight) -> None:
+    def _send(self, entry: InFlight) -> None:
         """Send on the connection the snapshot was staged for; if it is gone, the snapshot is lost
         with it (and can be resubmitted)."""
         try:
@@ -434,73 +411,19 @@ class Client:
                     channel.send(ReleaseArena(arena=arena.id))
 
     def _reap(self) -> CheckpointError | None:
-        """Free quarantined slots once the daemon no longer lists their snapshots as in flight,
-        and kept ones whose snapshot was committed after all. Returns why no slot can come free
-        by waiting (the connection is gone, or the daemon's writes of them are stuck), or None."""
-        self._drop_committed()
-        channel = self._channel
-        if channel is None or channel.closed:
-            reason, code = channel.end if channel is not None else ("not connected", "daemon_died")
-            return CheckpointError(
-                f"no arena slot can come free: the connection to ckptd is gone ({reason}); the "
-                "next snapshot() reconnects, then client.resubmit() or client.discard_lost()",
-                code=code,
-            )
-        try:
-            reply = self.status(timeout_s=self.options.liveness_timeout_s)
-        except CheckpointError as e:
-            return e
-        running = {(j.run, j.step): j for j in reply.jobs}
-        instance = channel.welcome.instance
-        self._slots.release_quarantined(lambda q: q.instance != instance or (q.run, q.step) not in running)
-        self._drop_committed()
-        return self._quarantine_stuck(channel, running)
+        return self._reaper.reap(self._channel)
 
-    def _quarantine_stuck(
-        self, channel: Channel, running: dict[tuple[str, int], JobStatus]
-    ) -> CheckpointError | None:
-        """Whether every snapshot that still holds a quarantined slot has stood still for
-        ``stuck_timeout_s`` (so waiting for one to come free is in vain)."""
-        now_s = time.monotonic()
-        listed = {k: (j.stage, j.bytes_written) for k, j in running.items()}
+    def _lost(self) -> list[Lost]:
         with self._lock:
-            old = self._reap_seen
-            seen = {k: old[k] if k in old and old[k][0] == p else (p, now_s) for k, p in listed.items()}
-            self._reap_seen = seen
-        quarantined = [
-            (a.quarantine.run, a.quarantine.step)
-            for a in list(self._slots.arenas)
-            if a.quarantine is not None and a.quarantine.instance == channel.welcome.instance
-        ]
-        waits = [seen[k] for k in quarantined if k in seen]
-        if not waits or any(now_s - since < self.options.stuck_timeout_s for _, since in waits):
-            return None
-        stages = ", ".join(
-            f"step {k[1]} of run {k[0]!r} at {seen[k][0][0]!r}" for k in quarantined if k in seen
-        )
-        return CheckpointError(
-            f"no arena slot can come free: ckptd (pid {channel.welcome.pid}) has made no progress for "
-            f"{self.options.stuck_timeout_s:g} s with the snapshots that hold them ({stages}); its "
-            "storage is stuck (a hung mount?). Fix or restart it, then client.resubmit()",
-            code="daemon_stuck",
-        )
+            return [(o.handle, functools.partial(self._drop_lost, o)) for o in self._orphans]
 
-    def _drop_committed(self) -> None:
-        """Forget lost snapshots whose step is committed on disk after all, freeing their slots
-        (a committed step's shards are all written: no daemon reads its slot any more)."""
+    def _drop_lost(self, entry: InFlight) -> None:
         with self._lock:
-            orphans = list(self._orphans)
-        for old in orphans:
-            if self._committed(old.handle):
-                with self._lock:
-                    self._orphans = [o for o in self._orphans if o is not old]
-                self._slots.discard(old.request.arena, read_done=True)
-                log.info(
-                    "[run=%s step=%s] committed after all: its slot is free", old.handle.run, old.handle.step
-                )
+            self._orphans = [o for o in self._orphans if o is not entry]
+        self._slots.discard(entry.request.arena, read_done=True)
 
     def _committed(self, handle: SnapshotHandle) -> bool:
-        return (self.root / handle.run / paths.step_dirname(handle.step) / "ckptd.json").exists()
+        return committed(self.root, handle)
 
     # --- outcomes (I/O thread) -------------------------------------------------------------------
 
@@ -580,7 +503,7 @@ class Client:
         with self._status_ready:
             self._status_ready.notify_all()
 
-    def _lose(self, entries: list[_InFlight], reason: str, code: str = "daemon_died") -> None:
+    def _lose(self, entries: list[InFlight], reason: str, code: str = "daemon_died") -> None:
         """The connection these snapshots were sent on is gone, or the daemon stopped moving them:
         fail their handles now, but keep their slots quarantined (the daemon may still be reading
         them) and kept for ``resubmit()`` (or ``discard_lost()``)."""
@@ -649,7 +572,7 @@ class Client:
                     continue
                 handle = SnapshotHandle(next(self._ids), old.handle.run, old.handle.step, now())
                 handle._set_staged()
-                entry = _InFlight(handle, old.request, old.request.frame(handle.id), old.generation, channel)
+                entry = InFlight(handle, old.request, old.request.frame(handle.id), old.generation, channel)
                 with self._lock:
                     self._pending[handle.id] = entry
                     self._handles.append(handle)
@@ -674,7 +597,7 @@ class Client:
             log.info("[run=%s step=%s] lost snapshot dropped", old.handle.run, old.handle.step)
         return [o.handle for o in sorted(orphans, key=lambda e: e.handle.id)]
 
-    def _wait_for_old_jobs(self, orphans: list[_InFlight], channel: Channel, timeout_s: float) -> None:
+    def _wait_for_old_jobs(self, orphans: list[InFlight], channel: Channel, timeout_s: float) -> None:
         """If the daemon that lost them is still the one answering, wait until it no longer writes
         them, so a resubmission never races the original write."""
         deadline = time.monotonic() + timeout_s
