@@ -164,7 +164,7 @@ SCENARIOS = [
         "with `daemon_unresponsive` naming the pid; `connect` to it raises naming the socket. A "
         "`faulty_daemon.py hang-write` pwrite blocks: `daemon_stuck` naming the stage while "
         "heartbeats go on and other runs commit; a slow but progressing write is not failed.",
-        r"test_liveness\.py::test_(wait_on|blocking|close_on|a_write_stuck|a_slow|connect_to)",
+        r"test_liveness\.py::test_(wait_on|blocking|close_on|a_write_stuck|a_slow|connect_to|heartbeats)",
     ),
     Scenario(
         "Errors that say what happened",

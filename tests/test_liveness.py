@@ -27,8 +27,9 @@ from conftest import DaemonProc
 from helpers import wait_until
 
 import ckptd
-from ckptd.protocol import Failed, encode
+from ckptd.protocol import Failed, FrameReader, Heartbeat, decode_daemon, encode
 from client import CheckpointError, Client, SnapshotHandle
+from client.channel import Channel
 
 T = TypeVar("T")
 FAST = {"liveness_timeout_s": 1.5, "stuck_timeout_s": 3.0}
@@ -134,6 +135,41 @@ def test_a_write_stuck_in_storage_fails_with_daemon_stuck_while_heartbeats_go_on
     assert [(j.step, j.stage) for j in jobs] == [(2, "writing")]
     assert c.snapshot(_state(5), step=5, run="other").wait(30) is not None
     assert (d.root / "default" / "step-000002").exists() is False
+
+
+def test_blocking_snapshot_behind_a_stuck_write_raises_daemon_stuck(
+    start_daemon: Callable[..., DaemonProc], connect: Callable[..., Client]
+) -> None:
+    d = start_daemon(faults="hang-write:2")
+    c = connect(d, slots=1, **FAST)
+    stuck = c.snapshot(_state(2), step=2)
+    with pytest.raises(CheckpointError) as e:
+        stuck.wait(20)
+    assert e.value.code == "daemon_stuck"
+    # The daemon may still write step 2 from the only slot: block must not overwrite it, nor
+    # wait forever for it.
+    _, err, took = bounded(lambda: c.snapshot(_state(3), step=3, policy="block"), 20)
+    assert isinstance(err, CheckpointError) and err.code == "daemon_stuck", err
+    assert "step 2 of run 'default' at stage 'writing'" in str(err), str(err)
+    assert took < FAST["stuck_timeout_s"] + 4
+
+
+def test_heartbeats_come_every_second_with_the_connections_jobs(
+    start_daemon: Callable[..., DaemonProc],
+) -> None:
+    d = start_daemon()
+    ch = Channel.open(d.socket)
+    try:
+        first = ch.last_frame
+        frames = FrameReader()
+        ch.sock.settimeout(5)
+        data = ch.sock.recv(1 << 16)
+        (body,) = frames.feed(data)
+        beat = decode_daemon(body)
+        assert isinstance(beat, Heartbeat) and beat.jobs == []
+        assert 0.5 < time.monotonic() - first < 3
+    finally:
+        ch.close()
 
 
 def test_a_slow_but_progressing_write_is_not_failed(
