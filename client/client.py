@@ -354,15 +354,15 @@ class Client:
                 self._slots.quarantine(request.arena, q)
             raise
         if lost is not None:
-            self._lose([entry], lost)
+            self._lose([entry], str(lost), lost.code)
 
     @staticmethod
-    def _try_send(channel: Channel, frame: bytes) -> str | None:
-        """Send ``frame``; the reason it could not be sent, or None."""
+    def _try_send(channel: Channel, frame: bytes) -> CheckpointError | None:
+        """Send ``frame``; why it could not be sent, or None."""
         try:
             channel.send_bytes(frame)
         except CheckpointError as e:
-            return str(e)
+            return e
         return None
 
     def _sent_after_copy(self, entry: InFlight, error: BaseException | None) -> None:
@@ -385,7 +385,7 @@ class Client:
         try:
             entry.channel.send_bytes(entry.frame)
         except CheckpointError as e:
-            self._lose([entry], str(e))
+            self._lose([entry], str(e), e.code)
         else:
             self._progress.sent(entry.handle.id)
 
@@ -654,7 +654,10 @@ class Client:
             which = ", ".join(f"step {h.step} of run {h.run!r}" for h, _ in failed)
             kind = "an earlier snapshot" if len(failed) == 1 else "earlier snapshots"
             what = "; ".join(str(err) for _, err in failed)
-            note = f"; step {taken.step} was taken all the same (this error's handle)" if taken else ""
+            note = ""
+            if taken is not None:
+                fate = "skipped: every slot was busy" if taken.skipped else "taken all the same"
+                note = f"; step {taken.step} was {fate} (this error's handle)"
             raise CheckpointError(
                 f"{kind} ({which}) failed and nobody checked: {what}{note}",
                 code=first.code,
