@@ -7,8 +7,13 @@ the ``RegisterArena`` frame, as SCM_RIGHTS ancillary data. Nothing is pickled.
 
 Client → daemon: Hello, RegisterArena (+ fd), RegisterLayout, Snapshot, Staged, Abandon,
 ReleaseArena, StatusRequest.
-Daemon → client: Welcome, Accepted, Progress, Committed, Failed, StatusReply.
+Daemon → client: Welcome, Accepted, Progress, Committed, Failed, StatusReply, Heartbeat.
 A snapshot's slot in its arena is free again once its Committed or Failed arrives.
+
+After its Welcome, the daemon's event loop sends every connection a ``Heartbeat`` about once a
+second, with the progress of that connection's snapshots in flight. It comes from the loop, not
+from the writer threads, so it goes on while writes are stuck: silence means the daemon is
+stopped or hung, a heartbeat whose progress does not move means its storage is stuck.
 
 A client may stream a large snapshot (``Client.connect(stream=True)``): its ``Snapshot`` is sent
 before its tensors are copied, with ``ready`` 0, and ``Staged`` frames then say how far into the
@@ -32,7 +37,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 #: Largest frame either side accepts; a 20,000-tensor snapshot request is a few MB.
 MAX_FRAME_BYTES = 64 * 2**20
 _LEN = struct.Struct(">I")
@@ -201,8 +206,24 @@ class StatusReply(Message):
     jobs: list[JobStatus]
 
 
+class JobProgress(Message):
+    id: int  # the snapshot's id on this connection
+    stage: str
+    bytes_written: int  # of its shards so far, counted per written chunk
+
+
+class Heartbeat(Message):
+    """The daemon's loop is alive; how far this connection's snapshots have got."""
+
+    kind: Literal["heartbeat"] = "heartbeat"
+    #: Grows whenever any snapshot of the daemon moves (bytes written, a stage passed): a job
+    #: queued behind another's slow write is waiting, not stuck, while this moves.
+    work: int
+    jobs: list[JobProgress]
+
+
 DaemonMessage = Annotated[
-    Welcome | Accepted | Progress | Committed | Failed | StatusReply, Field(discriminator="kind")
+    Welcome | Accepted | Progress | Committed | Failed | StatusReply | Heartbeat, Field(discriminator="kind")
 ]
 
 _client_adapter: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)

@@ -2,16 +2,20 @@
 
 Sends happen on the caller's thread (a few hundred bytes per snapshot; descriptors ride along
 with ``RegisterArena``). The I/O thread reads replies and hands each to ``on_message``; when the
-daemon goes away it calls ``on_close`` once, so pending snapshots fail at once instead of hanging.
+daemon goes away it calls ``on_close(reason, code)`` once, so pending snapshots fail at once
+instead of hanging. ``last_frame`` is when the daemon last sent anything (it sends a heartbeat
+every second): the client's watchdog ``abort()``s a channel that has been silent too long.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +24,7 @@ from ckptd.protocol import (
     DaemonMessage,
     Failed,
     FrameReader,
+    Heartbeat,
     Hello,
     Message,
     ProtocolError,
@@ -45,10 +50,13 @@ class Channel:
         # What this connection was told, so a reconnect (from any thread) starts from nothing.
         self.arenas: set[int] = set()
         self.layouts: set[int] = set()
+        self.last_frame = time.monotonic()  # when the daemon last sent something
+        self._end: tuple[str, str] | None = None  # why this side ended it: (reason, code)
 
     @classmethod
     def open(cls, path: Path, timeout_s: float = 10.0) -> Channel:
-        """Connect and exchange Hello/Welcome. ``OSError`` when nothing answers on ``path``."""
+        """Connect and exchange Hello/Welcome. ``OSError`` when nothing listens on ``path``;
+        ``CheckpointError`` when something does but refuses, or does not answer in ``timeout_s``."""
         if len(os.fsencode(path)) > MAX_SOCKET_PATH:
             raise CheckpointError(
                 f"socket path {path} is longer than {MAX_SOCKET_PATH} bytes; choose a shorter one "
@@ -58,16 +66,15 @@ class Channel:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.settimeout(timeout_s)
-            sock.connect(str(path))
-            sock.sendall(encode(Hello(version=PROTOCOL_VERSION, pid=os.getpid())))
-            frames = FrameReader()
-            reply: list[bytes] = []
-            while not reply:
-                data = sock.recv(_RECV_BYTES)
-                if not data:
-                    raise ConnectionResetError(f"ckptd at {path} closed the connection during hello")
-                reply = frames.feed(data)
-            msg = decode_daemon(reply[0])
+            try:
+                sock.connect(str(path))
+            except TimeoutError as e:  # its listen backlog is full: nobody accepts
+                raise CheckpointError(
+                    f"ckptd at {path} did not accept the connection within {timeout_s:g} s: it is "
+                    f"stopped, hung or overloaded; check `ckptd status` and {path}.log, or restart it",
+                    code="daemon_unresponsive",
+                ) from e
+            msg, frames = _hello(sock, path, timeout_s)
         except BaseException:
             sock.close()
             raise
@@ -90,11 +97,14 @@ class Channel:
             data = self.sock.recv(_RECV_BYTES)
             if not data:
                 raise CheckpointError("ckptd closed the connection", code="daemon_died")
-            frames = self._frames.feed(data)
-            if frames:
-                return decode_daemon(frames[0])
+            for body in self._frames.feed(data):
+                msg = decode_daemon(body)
+                if not isinstance(msg, Heartbeat):
+                    return msg
 
-    def start(self, on_message: Callable[[DaemonMessage], None], on_close: Callable[[str], None]) -> None:
+    def start(
+        self, on_message: Callable[[DaemonMessage], None], on_close: Callable[[str, str], None]
+    ) -> None:
         self._thread = threading.Thread(
             target=self._read_loop, args=(on_message, on_close), name="ckptd-client-io", daemon=True
         )
@@ -111,7 +121,8 @@ class Channel:
         """Send one encoded frame (with descriptors as SCM_RIGHTS)."""
         with self._send_lock:
             if self.closed:
-                raise CheckpointError("the connection to ckptd is closed", code="daemon_died")
+                reason, code = self.end
+                raise CheckpointError(reason, code=code)
             try:
                 if fds:
                     sent = socket.send_fds(self.sock, [data], list(fds))
@@ -126,7 +137,7 @@ class Channel:
                 ) from e
 
     def _read_loop(
-        self, on_message: Callable[[DaemonMessage], None], on_close: Callable[[str], None]
+        self, on_message: Callable[[DaemonMessage], None], on_close: Callable[[str, str], None]
     ) -> None:
         reason = "ckptd closed the connection (the daemon died or was stopped)"
         try:
@@ -134,6 +145,7 @@ class Channel:
                 data = self.sock.recv(_RECV_BYTES)
                 if not data:
                     break
+                self.last_frame = time.monotonic()
                 for body in self._frames.feed(data):
                     on_message(decode_daemon(body))
         except ProtocolError as e:
@@ -143,13 +155,41 @@ class Channel:
                 reason = f"connection to ckptd failed ({e})"
         finally:
             with self._send_lock:
+                if self._end is None:
+                    self._end = (reason, "daemon_died")
                 self.closed = True
             with contextlib.suppress(OSError):  # make sure the daemon sees the end too
                 self.sock.shutdown(socket.SHUT_RDWR)
-            on_close(reason)
+            on_close(*self._end)
+
+    @property
+    def end(self) -> tuple[str, str]:
+        """Why the connection ended, and the code its pending snapshots fail with."""
+        return self._end or ("the connection to ckptd is closed", "daemon_died")
+
+    def has_unread(self) -> bool:
+        """Whether the daemon sent bytes the I/O thread has not read yet (this process was
+        stopped or starved, not the daemon)."""
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return bool(readable)
+
+    def abort(self, reason: str, code: str) -> None:
+        """End the connection from this side: ``on_close`` gets ``reason`` and ``code``."""
+        with self._send_lock:
+            if self.closed:
+                return
+            self._end = (reason, code)
+            self.closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         with self._send_lock:
+            if not self.closed:
+                self._end = ("this client closed its connection to ckptd", "closed")
             self.closed = True
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -160,9 +200,53 @@ class Channel:
         self.sock.close()
 
 
+def _hello(sock: socket.socket, path: Path, timeout_s: float) -> tuple[DaemonMessage, FrameReader]:
+    """Send Hello and read the daemon's answer (heartbeats aside); every way it can go wrong is
+    a ``CheckpointError`` naming the socket."""
+    refused: OSError | None = None
+    try:
+        sock.sendall(encode(Hello(version=PROTOCOL_VERSION, pid=os.getpid())))
+    except OSError as e:  # refused already: read the reason it sent, if any
+        refused = e
+    frames = FrameReader()
+    while True:
+        try:
+            data = sock.recv(_RECV_BYTES)
+        except TimeoutError as e:
+            pid = _peer(sock)[0]
+            raise CheckpointError(
+                f"ckptd at {path} (pid {pid}) accepted the connection but did not answer hello within "
+                f"{timeout_s:g} s: it is stopped (`kill -CONT {pid}`), hung or overloaded. Check "
+                f"`ckptd status` and {path}.log, restart it, or raise connect_timeout_s",
+                code="daemon_unresponsive",
+            ) from e
+        except OSError as e:
+            refused, data = e, b""
+        if not data:
+            why = f" ({refused.strerror or refused})" if refused is not None else ""
+            raise CheckpointError(
+                f"ckptd at {path} closed the connection before answering hello{why}: it refuses new "
+                f"clients (too many connections?) or is shutting down; see {path}.log and `ckptd status`",
+                code="refused",
+            ) from refused
+        try:
+            for body in frames.feed(data):
+                msg = decode_daemon(body)
+                if not isinstance(msg, Heartbeat):
+                    return msg, frames
+        except ProtocolError as e:
+            raise CheckpointError(f"ckptd at {path} answered hello with {e}", code="protocol") from e
+
+
+def _peer(sock: socket.socket) -> tuple[int, int]:
+    """The pid and uid of the process listening on the other end."""
+    pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return pid, uid
+
+
 def _check_peer(sock: socket.socket, path: Path) -> None:
     """Refuse a daemon run by another user: it would receive this process's tensors."""
-    _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    _, uid = _peer(sock)
     if uid not in (os.geteuid(), 0):
         sock.close()
         raise CheckpointError(

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -19,14 +20,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from pydantic import JsonValue
-
 from ckptd import paths
 from ckptd.protocol import (
     Abandon,
     Committed,
     DaemonMessage,
     Failed,
+    Heartbeat,
     ProtocolError,
     RegisterArena,
     ReleaseArena,
@@ -35,7 +35,6 @@ from ckptd.protocol import (
     StatusRequest,
     encode,
     encode_register_layout,
-    encode_snapshot,
 )
 from ckptd.sizes import parse_size
 from client import restore as restore_mod
@@ -43,7 +42,10 @@ from client.arena import Arena
 from client.channel import Channel
 from client.errors import CheckpointError
 from client.handle import CommitInfo, SnapshotHandle, now
+from client.inflight import InFlight, Request
+from client.liveness import Progress, Watchdog
 from client.plan import Plan, copy_pairs, make_plan, signature
+from client.reap import Lost, Reaper, committed
 from client.slots import Policy, Quarantine, SlotPool
 from client.spawn import connect_daemon, default_socket
 from client.staging import CudaStager, copy_host, copy_pairs_host
@@ -64,34 +66,12 @@ class ClientOptions:
     # its writing can start during the copy; the daemon then competes with the copy (on 2 cores:
     # stall +17 % at 1 GB, +33 % at 3 GB, durable no sooner). `python -m bench.handoff` measures.
     stream: bool = False
-
-
-@dataclass(frozen=True)
-class _Request:
-    """What a snapshot asks of the daemon, minus its id (a resubmission gets a new one)."""
-
-    run: str
-    step: int
-    arena: Arena
-    plan: Plan
-    tree: JsonValue
-    files: dict[str, str]
-
-    def frame(self, snapshot_id: int, ready: int | None = None) -> bytes:
-        return encode_snapshot(
-            snapshot_id, self.run, self.step, self.arena.id, self.plan.layout_id, self.tree, self.files, ready
-        )
-
-
-@dataclass(frozen=True)
-class _InFlight:
-    """A snapshot handed to the daemon: its bytes stay in its arena until the outcome is known."""
-
-    handle: SnapshotHandle
-    request: _Request
-    frame: bytes  # the encoded request, with this handle's id
-    generation: int  # the arena's use count when this snapshot was copied into it
-    channel: Channel  # the connection it was sent on: only that connection's loss fails it
+    # Seconds the daemon may send nothing (it sends a heartbeat every second) while snapshots are
+    # pending before they fail with `daemon_unresponsive` (stopped, hung, or its loop blocked).
+    liveness_timeout_s: float = 30.0
+    # Seconds a pending snapshot's progress (stage, bytes written) and the daemon's may stand still,
+    # heartbeats going on, before it fails with `daemon_stuck` (its storage hangs: a dead NFS mount).
+    stuck_timeout_s: float = 300.0
 
 
 class Client:
@@ -107,8 +87,8 @@ class Client:
         self._lock = threading.Condition()  # guards _pending, _orphans, _handles
         self._snapshot_lock = threading.RLock()  # one snapshot() / resubmit() / close() at a time
         self._slots = SlotPool(options.slots, self._release_remote)
-        self._pending: dict[int, _InFlight] = {}
-        self._orphans: list[_InFlight] = []  # in flight when the connection was lost
+        self._pending: dict[int, InFlight] = {}
+        self._orphans: list[InFlight] = []  # in flight when the connection was lost
         self._handles: list[SnapshotHandle] = []
         self._plan_key: object = None
         self._plan: Plan | None = None
@@ -116,6 +96,16 @@ class Client:
         self._status_ready = threading.Condition()
         self._cuda = CudaStager()
         self._closed = False
+        self._progress = Progress(options.stuck_timeout_s)
+        self._watchdog: Watchdog | None = None
+        self._reaper = Reaper(
+            self._slots,
+            self.status,
+            self._lost,
+            self._committed,
+            liveness_timeout_s=options.liveness_timeout_s,
+            stuck_timeout_s=options.stuck_timeout_s,
+        )
 
     # --- connecting ------------------------------------------------------------------------------
 
@@ -139,12 +129,15 @@ class Client:
         opts = ClientOptions(**options)
         if opts.slots < 1:
             raise ValueError(f"slots must be >= 1, got {opts.slots}")
+        if not (opts.liveness_timeout_s > 0 and opts.stuck_timeout_s > 0):
+            raise ValueError("liveness_timeout_s and stuck_timeout_s must be > 0 (seconds)")
         if opts.max_shard_size is not None:
             parse_size(opts.max_shard_size)
         client = cls(Path(socket_path) if socket_path else default_socket(), run, autostart, opts)
         chosen = root if root is not None else os.environ.get("CKPTD_ROOT")
         client._expected_root = Path(chosen).absolute() if chosen else None
         client._reconnect()
+        client._watchdog = Watchdog(opts.liveness_timeout_s, lambda: client._channel, client._waiting_on)
         return client
 
     def _reconnect(self) -> None:
@@ -165,7 +158,7 @@ class Client:
         self._channel = channel
         # A different daemon instance means the one that could still read quarantined slots is gone.
         self._slots.release_quarantined(lambda q: q.instance != welcome.instance)
-        channel.start(self._on_message, lambda reason: self._on_close(channel, reason))
+        channel.start(self._on_message, lambda reason, code: self._on_close(channel, reason, code))
 
     def _connected(self) -> Channel:
         if self._channel is None or self._channel.closed:
@@ -190,7 +183,19 @@ class Client:
         Returns once the snapshot is consistent: the caller may change its tensors at once.
         ``policy`` says what happens when every slot is still being written: ``block`` waits,
         ``skip`` returns a handle with ``skipped`` set, ``error`` raises ``CheckpointError``.
-        A failure of an earlier snapshot that nobody looked at is raised here.
+        ``skip`` and ``error`` never wait, neither for a slot nor for another thread's
+        ``snapshot()`` that waits for one. ``block`` waits while a slot can come free: it raises
+        ``CheckpointError`` once none can (the daemon is unresponsive or stuck; every slot holds
+        a lost snapshot: call ``resubmit()`` or ``discard_lost()``).
+
+        A failure of an earlier snapshot that nobody looked at is raised here, after this
+        snapshot was taken: the error's ``handle`` is this snapshot's handle.
+
+        >>> try:                                          # doctest: +SKIP
+        ...     handle = ckpt.snapshot(model, step=2)
+        ... except CheckpointError as e:
+        ...     log.error("an earlier checkpoint failed: %s", e)
+        ...     handle = e.handle                         # step 2 was taken all the same
         """
         started = now()
         if policy not in ("block", "skip", "error"):
@@ -200,23 +205,27 @@ class Client:
         run = paths.check_name("run", self.run if run is None else run)
         with self._snapshot_lock:
             flat, channel, plan = self._planned(obj)
-            handle = SnapshotHandle(next(self._ids), run, step, started)
-            if on_done is not None:
-                handle.add_done_callback(on_done)
-            arena = self._slots.acquire(plan.layout.slot_bytes, policy, self._reap)
-            if arena is None:
-                log.info("[run=%s step=%s] skipped: every slot is still being written", run, step)
-                handle._skip()
-                return handle
-            request = _Request(run, step, arena, plan, flat.tree, flat.files)
-            try:
+        handle = SnapshotHandle(next(self._ids), run, step, started)
+        if on_done is not None:
+            handle.add_done_callback(on_done)
+        # Not under the lock: another thread's skip or error must not wait behind this wait.
+        arena = self._slots.acquire(plan.layout.slot_bytes, policy, self._reap)
+        if arena is None:
+            log.info("[run=%s step=%s] skipped: every slot is still being written", run, step)
+            handle._skip()
+            return self._taken(handle)
+        request = Request(run, step, arena, plan, flat.tree, flat.files)
+        try:
+            with self._snapshot_lock:
+                if self._closed:
+                    raise CheckpointError("this client is closed", code="closed")
                 self._register(channel, arena, plan)
                 with paused_gc():
                     self._stage(handle, request, flat, channel, started)
-            except BaseException as e:
-                self._unstage(handle, arena, e)
-                raise
-            return handle
+        except BaseException as e:
+            self._unstage(handle, arena, e)
+            raise
+        return self._taken(handle)
 
     def prepare(self, obj: object) -> int:
         """Make and register, before the training loop, the arena slots and the layout that
@@ -228,11 +237,17 @@ class Client:
         state then). Slots busy with snapshots in flight are left alone. Returns how many slots
         are ready."""
         with self._snapshot_lock:
+            self._raise_unobserved()
             flat, channel, plan = self._planned(obj)
             held: list[Arena] = []
             try:
                 while len(held) < self.options.slots:
-                    arena = self._slots.acquire(plan.layout.slot_bytes, "skip", self._reap)
+                    try:
+                        arena = self._slots.acquire(plan.layout.slot_bytes, "skip", self._reap)
+                    except CheckpointError as e:
+                        if e.code != "lost_snapshots":
+                            raise
+                        arena = None  # the others hold lost snapshots: left alone too
                     if arena is None:
                         break
                     held.append(arena)
@@ -255,6 +270,7 @@ class Client:
         handle._observed = True  # raised to the caller: not again by the next snapshot()
         handle._copied.set()  # the copy raised: nothing writes the slot any more
         handle._fail(CheckpointError(f"snapshot() raised while copying: {error!r}", code="copy_error"))
+        self._slots.discard(arena)  # lost meanwhile: kept for nothing, it holds a partial copy
         if arena.quarantine is None:
             self._slots.free(arena)
 
@@ -266,9 +282,7 @@ class Client:
             self._lock.notify_all()
 
     def _planned(self, obj: object) -> tuple[Flat, Channel, Plan]:
-        """``obj`` flattened, the connection and the plan (under ``_snapshot_lock``); raises a
-        failure nobody looked at first."""
-        self._raise_unobserved()
+        """``obj`` flattened, the connection and the plan (under ``_snapshot_lock``)."""
         if self._closed:
             raise CheckpointError("this client is closed", code="closed")
         flat = flatten(obj)
@@ -284,7 +298,7 @@ class Client:
         return self._plan
 
     def _stage(
-        self, handle: SnapshotHandle, request: _Request, flat: Flat, channel: Channel, started: float
+        self, handle: SnapshotHandle, request: Request, flat: Flat, channel: Channel, started: float
     ) -> None:
         streamed = flat.host and not flat.cuda and self.options.stream and len(request.plan.batches) > 1
         try:
@@ -292,7 +306,7 @@ class Client:
             first = request.frame(handle.id, ready=0) if streamed else b""
         except ProtocolError as e:
             raise CheckpointError(f"snapshot request too large: {e}", code="too_large") from e
-        entry = _InFlight(handle, request, frame, request.arena.generation, channel)
+        entry = InFlight(handle, request, frame, request.arena.generation, channel)
         with self._lock:
             self._pending[handle.id] = entry
             self._handles.append(handle)
@@ -314,7 +328,7 @@ class Client:
         else:
             self._send(entry)
 
-    def _stream(self, entry: _InFlight, flat: Flat, first: bytes, started: float) -> None:
+    def _stream(self, entry: InFlight, flat: Flat, first: bytes, started: float) -> None:
         """Send the request (``first``) before copying, then copy batch by batch, telling the
         daemon after each how far the copy has got, so it writes while the rest is copied. If the
         connection goes, the copy still finishes (the slot then holds the whole snapshot for
@@ -322,6 +336,8 @@ class Client:
         slot stays quarantined until the daemon no longer lists it."""
         request, handle, channel = entry.request, entry.handle, entry.channel
         lost = self._try_send(channel, first)
+        if lost is None:
+            self._progress.sent(handle.id)
         try:
             last = len(request.plan.batches) - 1
             for i, (start, stop, ready) in enumerate(request.plan.batches):
@@ -338,35 +354,40 @@ class Client:
                 self._slots.quarantine(request.arena, q)
             raise
         if lost is not None:
-            self._lose([entry], lost)
+            self._lose([entry], str(lost), lost.code)
 
     @staticmethod
-    def _try_send(channel: Channel, frame: bytes) -> str | None:
-        """Send ``frame``; the reason it could not be sent, or None."""
+    def _try_send(channel: Channel, frame: bytes) -> CheckpointError | None:
+        """Send ``frame``; why it could not be sent, or None."""
         try:
             channel.send_bytes(frame)
         except CheckpointError as e:
-            return str(e)
+            return e
         return None
 
-    def _sent_after_copy(self, entry: _InFlight, error: BaseException | None) -> None:
+    def _sent_after_copy(self, entry: InFlight, error: BaseException | None) -> None:
         entry.handle._set_staged()
         if error is not None:
             with self._lock:  # lost meanwhile: its slot holds a partial copy, never resubmit it
+                lost = entry in self._orphans
                 self._orphans = [o for o in self._orphans if o is not entry]
+            if lost:
+                self._slots.discard(entry.request.arena)
             self._fail(
                 entry.handle.id, CheckpointError(f"device-to-host copy failed: {error}", code="copy_error")
             )
         else:
             self._send(entry)
 
-    def _send(self, entry: _InFlight) -> None:
+    def _send(self, entry: InFlight) -> None:
         """Send on the connection the snapshot was staged for; if it is gone, the snapshot is lost
         with it (and can be resubmitted)."""
         try:
             entry.channel.send_bytes(entry.frame)
         except CheckpointError as e:
-            self._lose([entry], str(e))
+            self._lose([entry], str(e), e.code)
+        else:
+            self._progress.sent(entry.handle.id)
 
     def _register(self, channel: Channel, arena: Arena, plan: Plan) -> None:
         """Tell the connection about the arena and the layout a snapshot uses, once each."""
@@ -389,22 +410,25 @@ class Client:
                 with contextlib.suppress(CheckpointError):
                     channel.send(ReleaseArena(arena=arena.id))
 
-    def _reap(self) -> None:
-        """Free quarantined slots once the daemon no longer lists their snapshots as in flight."""
-        channel = self._channel
-        if channel is None or channel.closed:
-            return
-        try:
-            reply = self.status(timeout_s=5)
-        except CheckpointError:
-            return
-        running = {(j.run, j.step) for j in reply.jobs}
-        instance = channel.welcome.instance
-        self._slots.release_quarantined(lambda q: q.instance != instance or (q.run, q.step) not in running)
+    def _reap(self) -> CheckpointError | None:
+        return self._reaper.reap(self._channel)
+
+    def _lost(self) -> list[Lost]:
+        with self._lock:
+            return [(o.handle, functools.partial(self._drop_lost, o)) for o in self._orphans]
+
+    def _drop_lost(self, entry: InFlight) -> None:
+        with self._lock:
+            self._orphans = [o for o in self._orphans if o is not entry]
+        self._slots.discard(entry.request.arena, read_done=True)
+
+    def _committed(self, handle: SnapshotHandle) -> bool:
+        return committed(self.root, handle)
 
     # --- outcomes (I/O thread) -------------------------------------------------------------------
 
     def _finish(self, snapshot_id: int) -> SnapshotHandle | None:
+        self._progress.forget(snapshot_id)
         with self._lock:
             entry = self._pending.pop(snapshot_id, None)
             self._lock.notify_all()
@@ -419,7 +443,9 @@ class Client:
             handle._fail(error)
 
     def _on_message(self, msg: DaemonMessage) -> None:
-        if isinstance(msg, Committed):
+        if isinstance(msg, Heartbeat):
+            self._on_heartbeat(msg)
+        elif isinstance(msg, Committed):
             handle = self._finish(msg.id)
             if handle is not None:
                 handle._commit(
@@ -449,77 +475,104 @@ class Client:
                 self._status.append(msg)
                 self._status_ready.notify_all()
 
-    def _on_close(self, channel: Channel, reason: str) -> None:
+    def _on_heartbeat(self, beat: Heartbeat) -> None:
+        """Fail the snapshots whose progress stood still too long while the daemon lives."""
+        for snapshot_id, seen in self._progress.heartbeat(beat):
+            with self._lock:
+                entry = self._pending.get(snapshot_id)
+            if entry is None:
+                continue
+            reason = (
+                f"ckptd (pid {entry.channel.welcome.pid}) is running, but this snapshot made no progress "
+                f"for {time.monotonic() - seen.since:.0f} s "
+                f"(stuck_timeout_s={self.options.stuck_timeout_s:g}) "
+                f"at stage {seen.stage!r} with {seen.bytes_written} bytes written: its storage is stuck "
+                "(a hung mount?); the daemon may still write it, so its slot is kept"
+            )
+            log.error("[run=%s step=%s] %s", entry.handle.run, entry.handle.step, reason)
+            self._lose([entry], reason, "daemon_stuck")
+
+    def _waiting_on(self, channel: Channel) -> bool:
+        with self._lock:
+            return any(e.channel is channel for e in self._pending.values())
+
+    def _on_close(self, channel: Channel, reason: str, code: str) -> None:
         with self._lock:
             lost = [e for e in self._pending.values() if e.channel is channel]
-        self._lose(lost, reason)
+        self._lose(lost, reason, code)
         with self._status_ready:
             self._status_ready.notify_all()
 
-    def _lose(self, entries: list[_InFlight], reason: str) -> None:
-        """The connection these snapshots were sent on is gone: fail their handles now, but keep
-        their slots quarantined (the daemon may still be reading them) and remember them for
-        ``resubmit()``."""
+    def _lose(self, entries: list[InFlight], reason: str, code: str = "daemon_died") -> None:
+        """The connection these snapshots were sent on is gone, or the daemon stopped moving them:
+        fail their handles now, but keep their slots quarantined (the daemon may still be reading
+        them) and kept for ``resubmit()`` (or ``discard_lost()``)."""
         for entry in entries:
             with self._lock:
                 if self._pending.pop(entry.handle.id, None) is None:
                     continue
                 self._orphans.append(entry)
                 self._lock.notify_all()
+            self._progress.forget(entry.handle.id)
             handle = entry.handle
             # Not `staged`: a failed handle is staged at once, while a device copy may still run.
             q = Quarantine(
                 handle.run, handle.step, entry.channel.welcome.instance, copied=handle._copied.is_set
             )
             self._slots.quarantine(entry.request.arena, q)
+            self._slots.keep(entry.request.arena, f"step {handle.step} of run {handle.run!r}")
             handle._fail(
                 CheckpointError(
                     f"{reason}; step {handle.step} of run {handle.run!r} may not be committed (its bytes "
-                    "are kept until the slot is reused: client.resubmit() sends it to a restarted daemon)",
-                    code="daemon_died",
+                    "are kept in its slot: client.resubmit() sends it to a restarted daemon, "
+                    "client.discard_lost() drops it)",
+                    code=code,
                 )
             )
 
     # --- resubmit, status, restore, close --------------------------------------------------------
 
     def resubmit(self) -> list[SnapshotHandle]:
-        """Send the snapshots that were in flight when the daemon died to a (restarted) daemon.
+        """Send the snapshots that were in flight when the daemon died (or stopped answering, or
+        got stuck) to a (restarted) daemon, straight from the slots that kept their bytes.
 
-        Their bytes are still in the arenas unless a later snapshot reused the slot; those, and
-        any that the old daemon committed after all, are skipped with a log line. Returns a new
-        handle per resubmitted snapshot.
+        Those the old daemon committed after all are skipped with a log line; one that the same
+        daemon still writes after ``stuck_timeout_s`` stays lost (resubmit later, or
+        ``discard_lost()``). Returns a new handle per resubmitted snapshot.
 
         >>> try:                                          # doctest: +SKIP
         ...     handle.wait()
         ... except CheckpointError as e:
-        ...     if e.code == "daemon_died":
+        ...     if e.code in ("daemon_died", "daemon_unresponsive"):
         ...         handle, = client.resubmit()
         """
         with self._snapshot_lock:
             channel = self._connected()
             with self._lock:
                 orphans, self._orphans = self._orphans, []
-            self._wait_for_old_jobs(orphans, channel)
+            self._wait_for_old_jobs(orphans, channel, self.options.stuck_timeout_s)
             handles = []
             for old in sorted(orphans, key=lambda e: e.handle.id):
-                step_dir = self.root / old.handle.run / paths.step_dirname(old.handle.step)
-                if (step_dir / "ckptd.json").exists():
+                if self._committed(old.handle):
                     log.info(
                         "[run=%s step=%s] not resubmitted: committed after all",
                         old.handle.run,
                         old.handle.step,
                     )
+                    self._slots.discard(old.request.arena, read_done=True)
                     continue
                 if not self._slots.claim(old.request.arena, old.generation):
                     log.warning(
-                        "[run=%s step=%s] cannot resubmit: its slot was reused",
+                        "[run=%s step=%s] not resubmitted yet: ckptd may still be writing it from its slot",
                         old.handle.run,
                         old.handle.step,
                     )
+                    with self._lock:
+                        self._orphans.append(old)
                     continue
                 handle = SnapshotHandle(next(self._ids), old.handle.run, old.handle.step, now())
                 handle._set_staged()
-                entry = _InFlight(handle, old.request, old.request.frame(handle.id), old.generation, channel)
+                entry = InFlight(handle, old.request, old.request.frame(handle.id), old.generation, channel)
                 with self._lock:
                     self._pending[handle.id] = entry
                     self._handles.append(handle)
@@ -532,7 +585,19 @@ class Client:
                 handles.append(handle)
             return handles
 
-    def _wait_for_old_jobs(self, orphans: list[_InFlight], channel: Channel, timeout_s: float = 600) -> None:
+    def discard_lost(self) -> list[SnapshotHandle]:
+        """Give up the snapshots that were lost with the daemon (``daemon_died``,
+        ``daemon_unresponsive``, ``daemon_stuck``) instead of resubmitting them: their slots
+        are used for new snapshots again (once no daemon may still read them). Returns their
+        (failed) handles. Never waits, not even for another thread's ``snapshot()``."""
+        with self._lock:
+            orphans, self._orphans = self._orphans, []
+        for old in orphans:
+            self._slots.discard(old.request.arena)
+            log.info("[run=%s step=%s] lost snapshot dropped", old.handle.run, old.handle.step)
+        return [o.handle for o in sorted(orphans, key=lambda e: e.handle.id)]
+
+    def _wait_for_old_jobs(self, orphans: list[InFlight], channel: Channel, timeout_s: float) -> None:
         """If the daemon that lost them is still the one answering, wait until it no longer writes
         them, so a resubmission never races the original write."""
         deadline = time.monotonic() + timeout_s
@@ -542,7 +607,7 @@ class Client:
             if o.channel.welcome.instance == channel.welcome.instance
         }
         while same and time.monotonic() < deadline:
-            same &= {(j.run, j.step) for j in self.status().jobs}
+            same &= {(j.run, j.step) for j in self.status(self.options.liveness_timeout_s).jobs}
             if same:
                 time.sleep(0.2)
         for o in orphans:  # a device-to-host copy may still be filling its slot
@@ -573,21 +638,42 @@ class Client:
         run_dir = self.root / paths.check_name("run", run or self.run)
         return restore_mod.restore_run(obj, run_dir, step=step, fallback=fallback)
 
-    def _raise_unobserved(self) -> None:
+    def _taken(self, handle: SnapshotHandle) -> SnapshotHandle:
+        self._raise_unobserved(taken=handle)
+        return handle
+
+    def _raise_unobserved(self, taken: SnapshotHandle | None = None) -> SnapshotHandle | None:
+        """Raise the failures nobody looked at, once, all in one error (``taken``, the snapshot
+        just taken, is not one of them and rides on the error as ``handle``); else ``taken``."""
         with self._lock:
-            handles, self._handles = self._handles, [h for h in self._handles if not h.done_now()]
-        for h in handles:
-            err = h._unobserved_error()
-            if err is not None:
-                raise CheckpointError(
-                    f"an earlier snapshot (step {h.step} of run {h.run!r}) failed and nobody checked: {err}",
-                    code=err.code,
-                    errno=err.errno,
-                ) from err
+            done = [h for h in self._handles if h.done_now() and h is not taken]
+            self._handles = [h for h in self._handles if not h.done_now() or h is taken]
+        failed = [(h, err) for h in done if (err := h._unobserved_error()) is not None]
+        if failed:
+            first = failed[0][1]
+            which = ", ".join(f"step {h.step} of run {h.run!r}" for h, _ in failed)
+            kind = "an earlier snapshot" if len(failed) == 1 else "earlier snapshots"
+            what = "; ".join(str(err) for _, err in failed)
+            note = ""
+            if taken is not None:
+                fate = "skipped: every slot was busy" if taken.skipped else "taken all the same"
+                note = f"; step {taken.step} was {fate} (this error's handle)"
+            raise CheckpointError(
+                f"{kind} ({which}) failed and nobody checked: {what}{note}",
+                code=first.code,
+                errno=first.errno,
+                handle=taken,
+            ) from first
+        return taken
 
     def close(self, *, wait: bool = True, timeout_s: float | None = None) -> None:
         """Wait for in-flight snapshots (unless ``wait=False``), then release everything.
-        Raises a failure nobody looked at. Must not be called from a done callback."""
+
+        The wait is bounded even with ``timeout_s=None``: it lasts while the daemon makes
+        progress; a daemon silent for ``liveness_timeout_s`` or a snapshot standing still for
+        ``stuck_timeout_s`` fails those snapshots, and ``close()`` goes on. With ``timeout_s``,
+        snapshots still pending then fail with code ``closed`` (the daemon may still commit
+        them). Raises a failure nobody looked at. Must not be called from a done callback."""
         if threading.current_thread().name == "ckptd-client-io":
             raise RuntimeError(
                 "close() from a snapshot callback would deadlock; call it from your own thread"
@@ -599,13 +685,35 @@ class Client:
                 with self._lock:
                     ok = self._lock.wait_for(lambda: not self._pending, timeout_s)
                 if not ok:
-                    log.warning("closing with %d snapshots still in flight", len(self._pending))
+                    self._stop_waiting(f"close() stopped waiting after {timeout_s:g} s", observed=False)
+            else:
+                self._stop_waiting("close(wait=False) did not wait", observed=True)
             self._closed = True
+            if self._watchdog is not None:
+                self._watchdog.close()
             self._cuda.close()
             self._slots.close()
             if self._channel is not None:
                 self._channel.close()
         self._raise_unobserved()
+
+    def _stop_waiting(self, why: str, *, observed: bool) -> None:
+        """Fail the snapshots still pending at ``close()``: handed over, maybe committed later."""
+        with self._lock:
+            entries, self._pending = list(self._pending.values()), {}
+            self._lock.notify_all()
+        if entries:
+            log.warning("closing with %d snapshots still in flight", len(entries))
+        for entry in entries:
+            handle = entry.handle
+            handle._observed = observed
+            handle._fail(
+                CheckpointError(
+                    f"{why}; step {handle.step} of run {handle.run!r} was handed to ckptd pid "
+                    f"{entry.channel.welcome.pid} and may still commit (check with `ckptd ls`)",
+                    code="closed",
+                )
+            )
 
     def __enter__(self) -> Client:
         return self

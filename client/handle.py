@@ -79,7 +79,10 @@ class SnapshotHandle:
     def wait(self, timeout: float | None = None) -> CommitInfo | None:
         """Block until committed; returns the commit info (None for a skipped snapshot).
 
-        Raises ``CheckpointError`` if the snapshot failed, ``TimeoutError`` if it is still going.
+        Raises ``CheckpointError`` if the snapshot failed, ``TimeoutError`` if it is still going
+        after ``timeout``. Without one it still returns: a daemon silent for the client's
+        ``liveness_timeout_s`` fails it with ``daemon_unresponsive``, a snapshot standing still
+        for ``stuck_timeout_s`` with ``daemon_stuck``.
         """
         self._observed = True
         try:

@@ -5,6 +5,8 @@ FAULT is one of
 - ``eio-write:STEP`` (EIO from pwrite while writing that step's shards), ``enospc-write:STEP``,
   ``eio-fsync:STEP``;
 - ``slow:SECONDS`` (every pwrite sleeps first);
+- ``hang-write:STEP``: pwrite on that step's shards blocks (for 10 minutes), as on a hung NFS
+  mount, while the event loop goes on;
 - ``kill-at:OP:N[:STEP]``: SIGKILL the daemon *before* the N-th call of the Storage operation OP;
 - ``kill-after:OP:N[:STEP]``: SIGKILL it right *after* the N-th call of OP returned;
 - ``eio-at:OP:N[:STEP]``: the N-th call of OP fails with EIO instead (nothing is done);
@@ -118,6 +120,10 @@ class FaultyStorage(Storage):
     def pwrite(self, fd: int, data: memoryview | bytes, offset: int) -> int:
         if self.kind == "slow":
             time.sleep(float(self.arg))
+        elif self.kind == "hang-write" and self._hit(fd):
+            sys.stderr.write(f"faulty_daemon: pwrite on {self._names[fd]} hangs\n")
+            sys.stderr.flush()
+            threading.Event().wait(600)
         elif self.kind in ("eio-write", "enospc-write") and self._hit(fd):
             code = errno.EIO if self.kind == "eio-write" else errno.ENOSPC
             raise OSError(code, os.strerror(code), str(self._names[fd]))

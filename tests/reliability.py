@@ -37,6 +37,7 @@ FILES = [
     "tests/test_streaming.py",
     "tests/test_socket_dir.py",
     "tests/test_hostile_files.py",
+    "tests/test_liveness.py",
 ]
 
 
@@ -229,6 +230,31 @@ SCENARIOS = [
         'saying what is there and to remove it (not "already committed"); `committed_steps`, '
         "`ckptd ls`, `load` and `restore` ignore it and give step 2; nothing outside is touched.",
         r"test_hostile_files\.py::test_non_directory_at_a_step_path",
+    ),
+    Scenario(
+        "Daemon stopped or its writes hung",
+        "The daemon is SIGSTOPped with snapshots in flight: `wait()`, `snapshot(policy='block')` "
+        "with every slot in flight, and `close()` each return within `liveness_timeout_s` + 3 s "
+        "with `daemon_unresponsive` naming the pid; `connect` to it raises naming the socket. A "
+        "`faulty_daemon.py hang-write` pwrite blocks: `daemon_stuck` naming the stage while "
+        "heartbeats go on and other runs commit; a slow but progressing write is not failed.",
+        r"test_liveness\.py::test_(wait_on|blocking|close_on|a_write_stuck|a_slow|connect_to|heartbeats)",
+    ),
+    Scenario(
+        "Errors that say what happened",
+        '`close(timeout_s=1)` on a stopped daemon fails the handle with `closed` ("may still '
+        'commit", and it does after SIGCONT); a daemon refusing with `Failed` or closing during '
+        "hello gives a `CheckpointError` naming the socket; an unobserved failure is raised by the "
+        "next `snapshot()` after it has taken its snapshot (`err.handle` commits, bit-exact).",
+        r"test_liveness\.py::test_(close_with|a_refused|an_unobserved)",
+    ),
+    Scenario(
+        "Lost snapshots keep their slots; threads do not block each other",
+        "Daemon SIGKILLed and restarted: later snapshots use other slots and `resubmit()` commits "
+        "the lost step's own bytes; with every slot lost, `snapshot()` raises `lost_snapshots` for "
+        "each policy until `discard_lost()`. `skip`/`error` from a second thread return in < 1 s "
+        "while another thread's `snapshot()` waits for the only slot.",
+        r"test_liveness\.py::test_(a_snapshot_lost|when_every_slot|skip_and_error)",
     ),
 ]
 

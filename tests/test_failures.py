@@ -146,6 +146,9 @@ def test_resubmit_skips_a_snapshot_whose_slot_was_reused(
     with pytest.raises(CheckpointError):
         handle.wait(5)
     start_daemon(root=d.root, sock=d.socket)
+    with pytest.raises(CheckpointError, match="discard_lost"):  # step 1's slot is never overwritten
+        c.snapshot({"w": torch.full((8,), 2.0)}, step=2)
+    assert c.discard_lost() == [handle]
     c.snapshot({"w": torch.full((8,), 2.0)}, step=2).wait(60)  # reuses the only slot
     assert c.resubmit() == []
 

@@ -109,7 +109,8 @@ class Raw:
             if not data:
                 self.eof = True
                 raise EOFError("the daemon closed the connection")
-            self._queue += [decode_daemon(body) for body in self._frames.feed(data)]
+            replies = (decode_daemon(body) for body in self._frames.feed(data))
+            self._queue += [m for m in replies if m.kind != "heartbeat"]  # sent every second
         return self._queue.pop(0)
 
     def until(self, want: Callable[[DaemonMessage], bool]) -> DaemonMessage:

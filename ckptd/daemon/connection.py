@@ -75,6 +75,10 @@ class Connection:
         self.writer = asyncio.create_task(self._write_loop(), name=f"ckptd-conn-{peer_pid}-writer")
         self._loop.add_reader(sock.fileno(), self._on_readable)
 
+    @property
+    def greeted(self) -> bool:  # past hello: heartbeats may be sent (ckptd/daemon/heartbeat.py)
+        return self._hello
+
     # --- sending ---------------------------------------------------------------------------------
 
     def send(self, message: Message) -> None:

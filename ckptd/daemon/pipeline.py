@@ -73,6 +73,8 @@ class Job:
     stage_timeout_s: float = STAGE_TIMEOUT_S
     finished: bool = False  # committed or failed
     _cond: threading.Condition = field(default_factory=threading.Condition)
+    #: Bytes of each shard being written (by its offset) read into the write so far.
+    _partial: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.ready < 0:
@@ -81,6 +83,26 @@ class Job:
     @property
     def complete(self) -> bool:
         return self.ready >= self.layout.end
+
+    @property
+    def progress_bytes(self) -> int:
+        """Bytes of its shards written so far, moving with every chunk (not only per shard)."""
+        with self._cond:
+            return self.bytes_written + sum(self._partial.values())
+
+    @property
+    def progress(self) -> int:
+        """Grows whenever the job moves: bytes written or a stage passed (heartbeats)."""
+        return self.progress_bytes + len(self.timings)
+
+    def note_written(self, offset: int, done: int, finished: bool = False) -> None:
+        """A writer thread has written ``done`` bytes of the shard at ``offset``."""
+        with self._cond:
+            if finished:
+                self._partial.pop(offset, None)
+                self.bytes_written += done
+            else:
+                self._partial[offset] = done
 
     def mark(self, stage: str) -> None:
         self.stage = stage
@@ -160,6 +182,7 @@ class Pipeline:
         #: The root as found at start-up (set by the daemon); checked before staging and committing.
         self.root: RootGuard | None = None
         self.on_root_gone: Callable[[RootGone], None] | None = None
+        self._finished_work = 0  # the ``progress`` of jobs no longer in flight
 
     @property
     def in_flight(self) -> int:
@@ -189,6 +212,14 @@ class Pipeline:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def jobs(self) -> list[Job]:
+        """The jobs in flight (event loop)."""
+        return list(self._jobs.values())
+
+    def work(self) -> int:
+        """A counter that grows whenever any job moves (for heartbeats; event loop)."""
+        return self._finished_work + sum(j.progress for j in self._jobs.values())
+
     def status(self) -> list[JobStatus]:
         now = time.monotonic()
         return [
@@ -197,7 +228,7 @@ class Pipeline:
                 step=j.request.step,
                 stage=j.stage,
                 bytes=j.nbytes,
-                bytes_written=j.bytes_written,
+                bytes_written=j.progress_bytes,
                 age_s=round(now - j.started, 3),
             )
             for j in self._jobs.values()
@@ -252,6 +283,7 @@ class Pipeline:
                 del self._tails[req.run]
             if self._jobs.get((req.run, req.step)) is job:
                 del self._jobs[(req.run, req.step)]
+                self._finished_work += job.progress + 1
             job.arena.release_reader()
 
     async def _write_and_commit(self, job: Job, prev: asyncio.Future[None] | None) -> Path:
@@ -345,12 +377,19 @@ class Pipeline:
 
     def _write_one(self, job: Job, path: Path, header: bytes, data: memoryview, offset: int) -> FileRecord:
         nbytes = len(data)
-        ready = None if job.complete else lambda end: job.wait_ready(offset + end)
+
+        def ready(end: int) -> None:
+            # Called before each chunk is read, once the chunks before it are written: the
+            # progress heartbeats report (to a chunk), so a long shard on a slow disk is seen moving.
+            job.note_written(offset, end)
+            if not job.complete:
+                job.wait_ready(offset + end)
+
         with data:
             record = commit.write_shard(
                 self.storage, path, header, data, direct=self.options.direct_io, ready=ready
             )
-        job.bytes_written += nbytes
+        job.note_written(offset, nbytes, finished=True)
         return record
 
     def _write_small_files(

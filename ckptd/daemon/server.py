@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckptd import commit, sockdir
+from ckptd.daemon import heartbeat
 from ckptd.daemon.connection import MAX_ARENAS, MAX_CONNECTIONS, Connection
 from ckptd.daemon.metrics import Metrics, serve_metrics
 from ckptd.daemon.notify import Notifier
@@ -87,6 +88,7 @@ class Daemon:
         )
         self._metrics_server: asyncio.Server | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        self._heartbeats: asyncio.Task[None] | None = None
         self._connections: set[Connection] = set()
         self._listener: socket.socket | None = None
         self._lock_fd: int | None = None
@@ -163,6 +165,8 @@ class Daemon:
         loop.add_reader(sock.fileno(), self._accept)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        # Until shutdown's drain is over: clients wait on those snapshots.
+        self._heartbeats = asyncio.create_task(heartbeat.send_heartbeats(self.connections, self.pipeline))
         if opts.metrics_port is not None:
             self._metrics_server = await serve_metrics(self.metrics, opts.metrics_host, opts.metrics_port)
         log.info("ckptd serving root=%s socket=%s pid=%s", opts.root, opts.socket_path, os.getpid())
@@ -299,7 +303,7 @@ class Daemon:
         if writers:  # let queued replies (the drained jobs' Committed) reach their clients
             await asyncio.wait(writers, timeout=5.0)
         self.pipeline.close()
-        for task in (self._watchdog, self._root_watch):
+        for task in (self._heartbeats, self._watchdog, self._root_watch):
             if task is not None:
                 task.cancel()
         if self._metrics_server is not None:

@@ -1,0 +1,41 @@
+"""The records of a snapshot handed to the daemon: what it asks, and where its bytes are."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import JsonValue
+
+from ckptd.protocol import encode_snapshot
+from client.arena import Arena
+from client.channel import Channel
+from client.handle import SnapshotHandle
+from client.plan import Plan
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a snapshot asks of the daemon, minus its id (a resubmission gets a new one)."""
+
+    run: str
+    step: int
+    arena: Arena
+    plan: Plan
+    tree: JsonValue
+    files: dict[str, str]
+
+    def frame(self, snapshot_id: int, ready: int | None = None) -> bytes:
+        return encode_snapshot(
+            snapshot_id, self.run, self.step, self.arena.id, self.plan.layout_id, self.tree, self.files, ready
+        )
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A snapshot handed to the daemon: its bytes stay in its arena until the outcome is known."""
+
+    handle: SnapshotHandle
+    request: Request
+    frame: bytes  # the encoded request, with this handle's id
+    generation: int  # the arena's use count when this snapshot was copied into it
+    channel: Channel  # the connection it was sent on: only that connection's loss fails it
