@@ -6,7 +6,9 @@ component ``model``). Modules keep their state-dict names (so ``model`` loads wi
 and so does a top-level state dict (string keys, tensor values): both are one ``$module`` node;
 optimizer state is keyed by parameter name (``state.<param fqn>.exp_avg``). Tensors that alias
 one another (same storage, offset, shape, strides and dtype, not empty) are stored once and
-recorded as aliases.
+recorded as aliases. Every tensor is checked on every snapshot, before anything is copied, to
+lie inside its storage (a storage can be resized under a view: FSDP frees unsharded parameters
+so), and sparse tensors, unstorable dtypes and the names the daemon reserves are refused.
 """
 
 from __future__ import annotations

@@ -63,6 +63,10 @@ TRAINER = textwrap.dedent(
             t.set_(torch.UntypedStorage(4 * MiB), 0, (1024, 1024), (1024, 1))
             t.untyped_storage().resize_(4096)
             return {"opt": {"state": [t]}}
+        if case == "cuda_resized_to_zero":  # the device-to-host copy path
+            model = torch.nn.Linear(256, 256).cuda()
+            model.weight.untyped_storage().resize_(0)
+            return {"model": model}
         if case == "16_bytes_on_8":
             x = torch.arange(4, dtype=torch.float32)
             x.untyped_storage().resize_(8)
@@ -104,10 +108,14 @@ CASES = {
     "offset_view_past_storage": ("model/v", "16376 bytes"),
     "set_storage_then_shrunk": ("opt/state.0", "4096 bytes"),
     "16_bytes_on_8": ("model/x", "8 bytes"),
+    "cuda_resized_to_zero": ("model/weight", "0 bytes"),
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=pytest.mark.gpu) if c.startswith("cuda") else c for c in sorted(CASES)],
+)
 def test_tensor_larger_than_its_storage_is_refused_not_copied(
     case: str, daemon: DaemonProc, record_property: Callable[[str, object], None]
 ) -> None:
@@ -117,7 +125,7 @@ def test_tensor_larger_than_its_storage_is_refused_not_copied(
     assert message.startswith("ValueError: "), message
     assert name in message and storage in message and "storage" in message, message
     assert "stride" in message and "offset" in message, message
-    if case == "resized_to_zero":
+    if case.endswith("resized_to_zero"):
         assert "FSDP" in message and "state_dict" in message, message
     # Nothing of step 2 was committed; the client went on with step 3.
     run_dir = daemon.root / "default"
