@@ -246,7 +246,7 @@ def test_unsupported_dtype_refusal_is_specific_to_the_dtype(client: Client, dtyp
     assert step_dirs(client.root / "default") == []
 
 
-@pytest.mark.parametrize("dtype", [torch.float8_e4m3fnuz, torch.float8_e5m2fnuz])
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fnuz, torch.float8_e5m2fnuz], ids=str)
 def test_fp8_fnuz_dtypes_round_trip(client: Client, dtype: torch.dtype) -> None:
     """safetensors stores them (``F8_E4M3FNUZ``, ``F8_E5M2FNUZ``): so does ckptd."""
     t = torch.arange(256, dtype=torch.uint8).view(dtype).reshape(16, 16)
@@ -258,11 +258,11 @@ def test_fp8_fnuz_dtypes_round_trip(client: Client, dtype: torch.dtype) -> None:
 
 
 RESERVED = {
-    "component ckptd": ({"ckptd": {"w": torch.ones(2)}}, "'ckptd'"),
-    "empty tensor name": ({"model": {"": torch.ones(2)}}, "''"),
-    "__metadata__ tensor": ({"model": {"__metadata__": torch.ones(2)}}, "'__metadata__'"),
-    "__metadata__ in a state dict": ({"__metadata__": torch.ones(2), "w": torch.ones(2)}, "'__metadata__'"),
-    "__metadata__ in a list": ({"opt": {"__metadata__": [torch.ones(2)]}}, None),
+    "component_ckptd": ({"ckptd": {"w": torch.ones(2)}}, "'ckptd'"),
+    "empty_tensor_name": ({"model": {"": torch.ones(2)}}, "''"),
+    "metadata_tensor": ({"model": {"__metadata__": torch.ones(2)}}, "'__metadata__'"),
+    "metadata_in_a_state_dict": ({"__metadata__": torch.ones(2), "w": torch.ones(2)}, "'__metadata__'"),
+    "metadata_in_a_list": ({"opt": {"__metadata__": [torch.ones(2)]}}, None),
 }
 
 
