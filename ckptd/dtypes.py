@@ -17,6 +17,8 @@ ITEMSIZE: dict[str, int] = {
     "U16": 2,
     "F8_E4M3": 1,
     "F8_E5M2": 1,
+    "F8_E4M3FNUZ": 1,
+    "F8_E5M2FNUZ": 1,
     "I8": 1,
     "U8": 1,
     "BOOL": 1,

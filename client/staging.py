@@ -58,8 +58,9 @@ def copy_host(arena: Arena, plan: Plan, flat: Flat, start: int = 0, stop: int | 
         strict=True,
     ):
         t = tensors[ci][ti][1]
-        # Its dtype and shape match the plan (the signature was checked in this call), so a
-        # contiguous one without a lazy negation bit is exactly the plan's bytes at data_ptr()
+        # Its dtype and shape match the plan (the signature was checked in this call) and its
+        # bytes lie inside its storage (flatten checked, in this call), so a contiguous one
+        # without a lazy negation bit is exactly the plan's bytes at data_ptr()
         # (0 for a tensor without storage, e.g. an efficient zero tensor: torch copies those).
         if raw and t.is_contiguous() and not t.is_neg() and (ptr := t.data_ptr()):
             move(base + offset, ptr, size)

@@ -6,7 +6,9 @@ component ``model``). Modules keep their state-dict names (so ``model`` loads wi
 and so does a top-level state dict (string keys, tensor values): both are one ``$module`` node;
 optimizer state is keyed by parameter name (``state.<param fqn>.exp_avg``). Tensors that alias
 one another (same storage, offset, shape, strides and dtype, not empty) are stored once and
-recorded as aliases.
+recorded as aliases. Every tensor is checked on every snapshot, before anything is copied, to
+lie inside its storage (a storage can be resized under a view: FSDP frees unsharded parameters
+so), and sparse tensors, unstorable dtypes and the names the daemon reserves are refused.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ _PLAIN = (bool, int, float, str, type(None))
 _EXACT_PLAIN = frozenset({bool, int, str, type(None)})
 #: Deepest nesting of dicts and lists in a snapshot (JSON parsers stop at a few hundred levels).
 MAX_DEPTH = 64
+#: Names the daemon refuses (ckptd/daemon/validate.py), refused here before any copy.
+RESERVED_COMPONENTS = frozenset({"ckptd"})
+RESERVED_TENSOR_NAMES = ("", "__metadata__")
 
 
 _Key = tuple[int, torch.Size, tuple[int, ...], torch.dtype]
@@ -58,7 +63,14 @@ class Component:
         if name in names or not t.is_cpu or t.dtype not in TO_SAFETENSORS:
             self._check(name, t)
         names.add(name)
-        ptr = t.data_ptr()
+        try:
+            # The bytes a copy reads lie inside the storage (exact for a contiguous tensor; the
+            # others, and any that fails this, are measured from their strides).
+            ptr, storage = t.data_ptr(), t.untyped_storage()
+            if ptr + t.nbytes > storage.data_ptr() + storage.nbytes() or not t.is_contiguous():
+                self._check_extent(name, t)
+        except (RuntimeError, NotImplementedError) as e:  # sparse, or no storage of its own
+            ptr = self._storageless(name, t, e)
         if ptr in self._first:
             self._collide(ptr, name, t)
         else:
@@ -73,7 +85,12 @@ class Component:
             if name in names or not t.is_cpu or t.dtype not in ok:
                 self._check(name, t)
             names.add(name)
-            ptr = t.data_ptr()
+            try:
+                ptr, storage = t.data_ptr(), t.untyped_storage()
+                if ptr + t.nbytes > storage.data_ptr() + storage.nbytes() or not t.is_contiguous():
+                    self._check_extent(name, t)
+            except (RuntimeError, NotImplementedError) as e:
+                ptr = self._storageless(name, t, e)
             if ptr in first:
                 self._collide(ptr, name, t)
             else:
@@ -100,6 +117,53 @@ class Component:
             self.cuda = True
         if not t.is_cpu:
             self.host = False
+
+    def _storageless(self, name: str, t: torch.Tensor, error: Exception) -> int:
+        """The data pointer of a tensor whose storage cannot be read: an efficient zero tensor
+        (nothing to read: torch's copy writes zeros); any other is refused."""
+        if t._is_zerotensor():
+            return t.data_ptr()
+        where = f"tensor {self.name}/{name}"
+        if t.layout is not torch.strided:
+            raise ValueError(
+                f"{where} is a sparse tensor ({t.layout}); safetensors stores dense tensors: "
+                "snapshot t.to_dense(), or its parts as separate tensors (COO: t.coalesce() then "
+                ".indices() and .values(); CSR/BSR: .crow_indices(), .col_indices(), .values(); "
+                "CSC/BSC: .ccol_indices(), .row_indices(), .values())"
+            ) from error
+        raise ValueError(
+            f"{where} (a {type(t).__name__}) has no storage of its own to copy from ({error}); "
+            "snapshot a plain tensor (for a DTensor: .to_local() or .full_tensor())"
+        ) from error
+
+    def _check_extent(self, name: str, t: torch.Tensor) -> None:
+        """Raise unless every byte the view ``t`` reads lies inside its storage: a copy would read
+        outside it (a segfault, or foreign bytes in the checkpoint). Zero-element views read none."""
+        if t.numel() == 0:
+            return
+        offset, shape, stride = t.storage_offset(), tuple(t.shape), t.stride()
+        low = offset + sum((n - 1) * s for n, s in zip(shape, stride, strict=True) if s < 0)
+        high = offset + sum((n - 1) * s for n, s in zip(shape, stride, strict=True) if s > 0)
+        needed, held = (high + 1) * t.element_size(), t.untyped_storage().nbytes()
+        if low >= 0 and needed <= held:
+            return
+        what = (
+            f"tensor {self.name}/{name} (shape {list(shape)}, stride {list(stride)}, storage offset "
+            f"{offset}, {t.dtype}) reads {needed} bytes of storage, but its storage holds {held} bytes"
+        )
+        if held == 0:
+            raise ValueError(
+                f"{what}: its storage was freed (resized to 0, as FSDP does to unsharded "
+                "parameters between forward and backward). Snapshot the state FSDP means: "
+                "model.state_dict() of the FSDP module (sharded), or "
+                "torch.distributed.checkpoint.state_dict.get_model_state_dict(model), not the "
+                "freed parameters"
+            )
+        raise ValueError(
+            f"{what}: the storage was shrunk under the view (untyped_storage().resize_()) or the "
+            "view was made past its end; restore the storage's size, or snapshot a tensor that "
+            "lies inside its storage"
+        )
 
     def _collide(self, ptr: int, name: str, t: torch.Tensor) -> None:
         """A tensor starting where an earlier one does: an alias iff it has the same shape, strides
@@ -208,6 +272,7 @@ def _flatten(obj: object) -> Flat:
             comp = _component(key)
             nodes[key] = _encode(value, key, (), comp)
         comp.finish()
+        _check_tensor_names(comp)
         if comp.tensors or comp.aliases:
             components.append(comp)
     return Flat(
@@ -230,7 +295,22 @@ def _component(name: str, prefer_dropped: frozenset[str] = frozenset()) -> Compo
         check_name("component", name)
     except InvalidName as e:
         raise ValueError(f"top-level key {name!r} cannot name a checkpoint component: {e}") from e
+    if name in RESERVED_COMPONENTS:
+        raise ValueError(
+            f"top-level key {name!r} cannot name a checkpoint component: it is reserved for "
+            "ckptd's manifest (ckptd.json); rename the key"
+        )
     return Component(name, prefer_dropped=prefer_dropped)
+
+
+def _check_tensor_names(comp: Component) -> None:
+    """Refuse the tensor names the daemon refuses (before anything is copied or sent)."""
+    for name in RESERVED_TENSOR_NAMES:
+        if name in comp._names:
+            raise ValueError(
+                f"tensor name {name!r} in component {comp.name!r} is reserved (safetensors keeps "
+                "its header metadata under '__metadata__', and a tensor needs a name); rename the key"
+            )
 
 
 def _encode(value: object, key: str, path: tuple[str, ...], comp: Component) -> JsonValue:

@@ -38,6 +38,7 @@ FILES = [
     "tests/test_socket_dir.py",
     "tests/test_hostile_files.py",
     "tests/test_liveness.py",
+    "tests/test_bad_tensors.py",
 ]
 
 
@@ -255,6 +256,29 @@ SCENARIOS = [
         "each policy until `discard_lost()`. `skip`/`error` from a second thread return in < 1 s "
         "while another thread's `snapshot()` waits for the only slot.",
         r"test_liveness\.py::test_(a_snapshot_lost|when_every_slot|skip_and_error)",
+    ),
+    Scenario(
+        "Tensor larger than its storage",
+        "A trainer subprocess snapshots a parameter whose storage FSDP-style `resize_(0)` freed, "
+        "a 4 MiB view on 4 KiB of storage, a strided and an offset view past a shrunk storage, "
+        "16 bytes on 8: `snapshot()` raises a ValueError naming the tensor, its shape, stride, "
+        "offset and storage size (no segfault), nothing of that step is committed, the next "
+        "step commits; a storage freed and restored between snapshots of one cached plan; views "
+        "that read no bytes pass.",
+        r"test_bad_tensors\.py::test_(tensor_larger|storage_shrunk|tensors_that_touch)",
+    ),
+    Scenario(
+        "Sparse, quantized and unstorable dtypes",
+        "COO/CSR/CSC/BSR/BSC tensors, quantized, complex, bit and sub-byte dtypes, F8_E8M0 and "
+        "F4 are refused by `snapshot()` with what to snapshot instead; fp8 fnuz round-trips "
+        "through `ckptd.load` and `safetensors.torch.load_file`.",
+        r"test_bad_tensors\.py::test_(sparse|unsupported_dtype|fp8_fnuz)",
+    ),
+    Scenario(
+        "Reserved names",
+        "Component `ckptd` and tensor names `''` and `__metadata__` are refused by `snapshot()`, "
+        "before anything reaches the daemon.",
+        r"test_bad_tensors\.py::test_reserved_names",
     ),
 ]
 
