@@ -17,17 +17,18 @@ loop goes on serving every other client meanwhile.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
 from ckptd.daemon import layouts as limits
 from ckptd.daemon.arenas import Arena, ArenaError
-from ckptd.daemon.layouts import PreparedLayout, prepare
+from ckptd.daemon.layouts import LayoutParts, PreparedLayout, prepare
 from ckptd.daemon.pipeline import Job
 from ckptd.daemon.validate import InvalidRequest, check_snapshot
 from ckptd.protocol import (
@@ -90,6 +91,7 @@ class Connection:
         self.arenas: dict[int, Arena] = {}
         # A layout that failed its checks is kept as the reason its snapshots fail.
         self.layouts: dict[int, PreparedLayout | str] = {}
+        self._parts: LayoutParts | None = None  # a layout whose parts are still arriving
         # Streamed snapshots of this connection not yet copied whole, by id.
         self.streaming: dict[int, Job] = {}
         self._out: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -169,7 +171,7 @@ class Connection:
                 if not self._hello:
                     self._refuse("bad_frame", f"first message must be hello, got {len(body)} bytes")
                     return
-                self._offload(body)
+                self._offload(functools.partial(_decode_large, body))
                 return
             try:
                 msg = decode_client(body)
@@ -184,13 +186,15 @@ class Connection:
         elif self._eof:
             self.close()
 
-    def _offload(self, body: bytes) -> None:
+    def _offload(self, work: Callable[[], _Work]) -> None:
+        """Run ``work`` on the layout thread, then dispatch what it returns; reading and the
+        frames after this one wait for it."""
         self._offloaded = True
         self._loop.remove_reader(self._sock.fileno())
-        future = self.daemon.layout_executor.submit(_decode_large, body)
+        future = self.daemon.layout_executor.submit(work)
         future.add_done_callback(lambda f: self._loop.call_soon_threadsafe(self._offload_done, f))
 
-    def _offload_done(self, future: Future[tuple[ClientMessage, Prepared | None]]) -> None:
+    def _offload_done(self, future: Future[_Work]) -> None:
         self._offloaded = False
         if self.closed or future.cancelled():
             return
@@ -280,13 +284,33 @@ class Connection:
             self._refuse("bad_arena", str(e))
 
     def _on_layout(self, msg: RegisterLayout, prepared: Prepared | None) -> None:
-        self.layouts.pop(msg.layout, None)
-        if prepared is None:
-            prepared = _prepare(msg.components)
+        parts = self._parts
+        if parts is not None and parts.layout != msg.layout:
+            parts = None  # a new layout supersedes one left unfinished
+        if not msg.more and parts is None:
+            self._register_layout(msg.layout, _prepare(msg.components) if prepared is None else prepared)
+            return
+        if parts is None:
+            parts = LayoutParts(msg.layout)
+        parts.add(msg)
+        limits.settle()  # the parts held so far: the layout grows to millions of objects
+        self._parts = parts if msg.more else None
+        if msg.more:
+            return
+        if parts.error is not None:
+            self._register_layout(msg.layout, InvalidRequest(parts.error))
+            return
+        whole = RegisterLayout.model_construct(layout=msg.layout, components=parts.components())
+        self._offload(lambda: (whole, _prepare(whole.components)))
+
+    def _register_layout(self, layout_id: int, prepared: Prepared) -> None:
+        self.layouts.pop(layout_id, None)
         layout: PreparedLayout | str = (
-            prepared if isinstance(prepared, PreparedLayout) else f"layout {msg.layout}: {prepared}"
+            prepared if isinstance(prepared, PreparedLayout) else f"layout {layout_id}: {prepared}"
         )
         size = layout.tensors if isinstance(layout, PreparedLayout) else 0
+        if size >= limits.SETTLE_TENSORS:
+            limits.settle()
         while self.layouts and (
             len(self.layouts) >= limits.MAX_LAYOUTS
             or _tensors(self.layouts.values()) + size > limits.MAX_LAYOUT_TENSORS
@@ -296,11 +320,11 @@ class Connection:
         mine = _tensors(self.layouts.values())
         if size and others + mine + size > limits.MAX_DAEMON_LAYOUT_TENSORS:
             layout = _OverLimit(
-                f"layout {msg.layout}: its {size} tensors would take the layouts held by this daemon "
+                f"layout {layout_id}: its {size} tensors would take the layouts held by this daemon "
                 f"past its limit of {limits.MAX_DAEMON_LAYOUT_TENSORS} tensors ({others} held for "
                 "other connections); close idle clients, or snapshot fewer, larger tensors"
             )
-        self.layouts[msg.layout] = layout
+        self.layouts[layout_id] = layout
 
     def _layout_of(self, msg: Snapshot, prepared: Prepared | None) -> PreparedLayout:
         if msg.layout is None:
@@ -417,10 +441,17 @@ def _prepare(components: list[ComponentEntry]) -> Prepared:
         return e
 
 
-def _decode_large(body: bytes) -> tuple[ClientMessage, Prepared | None]:
-    """On the layout thread: decode a large frame, and prepare the layout it carries."""
+#: What the layout thread hands back: a message to dispatch, and the layout prepared for it.
+_Work = tuple[ClientMessage, Prepared | None]
+
+
+def _decode_large(body: bytes) -> _Work:
+    """On the layout thread: decode a large frame, and prepare the layout it carries (a part of
+    one is prepared once it is whole)."""
     msg = decode_client(body)
-    if isinstance(msg, RegisterLayout) or (isinstance(msg, Snapshot) and msg.layout is None):
+    if isinstance(msg, RegisterLayout) and not (msg.more or msg.continues_shard):
+        return msg, _prepare(msg.components)
+    if isinstance(msg, Snapshot) and msg.layout is None:
         return msg, _prepare(msg.components)
     return msg, None
 
