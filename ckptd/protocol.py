@@ -237,9 +237,15 @@ def encode_register_layout(layout: int, components_json: bytes) -> bytes:
     around pre-serialized components (cached per layout by the client). The daemon validates
     them like any other frame."""
     if len(components_json) > LAYOUT_PART_BYTES:
-        return b"".join(_layout_parts(layout, json.loads(components_json)))
+        return encode_register_layout_parts(layout, json.loads(components_json))
     head = json.dumps({"kind": "register_layout", "layout": layout})
     return _frame(b"".join((head[:-1].encode(), b',"components":', components_json, b"}")), "layout")
+
+
+def encode_register_layout_parts(layout: int, components: list[dict[str, Any]]) -> bytes:
+    """``RegisterLayout`` parts of the wire form of ``list[ComponentEntry]`` (plain dicts), for a
+    caller that has not serialized it (saves parsing it back)."""
+    return b"".join(_layout_parts(layout, components))
 
 
 def _layout_parts(layout: int, components: list[dict[str, Any]]) -> Iterator[bytes]:

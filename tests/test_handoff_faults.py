@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -30,20 +31,29 @@ from conftest import DaemonProc
 from helpers import same_bits
 
 import ckptd
-from ckptd import paths
+from ckptd import paths, protocol
+from ckptd.daemon import layouts
+from ckptd.daemon.connection import HEAVY_FRAME_BYTES
+from ckptd.daemon.layouts import LayoutParts
 from ckptd.protocol import (
     PROTOCOL_VERSION,
     Committed,
+    ComponentEntry,
     DaemonMessage,
+    Failed,
     FrameReader,
     Hello,
     RegisterArena,
+    RegisterLayout,
+    ShardEntry,
     StatusRequest,
+    TensorEntry,
     decode_daemon,
     encode,
     encode_register_layout,
     encode_snapshot,
 )
+from ckptd.shardfile import HeaderEntry, encode_header
 from client import CheckpointError, Client
 
 # --- item 1: a trainer killed before the daemon read what it handed over ------------------------
@@ -216,14 +226,7 @@ class _Raw:
 def _commit_big_layout(raw: _Raw) -> None:
     """A snapshot of the huge layout registered as layout 1 commits, bit-exact."""
     data = torch.arange(BIG_TENSORS * 4, dtype=torch.float32)
-    fd = os.memfd_create("big", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        os.ftruncate(fd, data.numel() * 4)
-        os.pwrite(fd, data.numpy().tobytes(), 0)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
-        socket.send_fds(raw.sock, [encode(RegisterArena(arena=1, size=data.numel() * 4))], [fd])
-    finally:
-        os.close(fd)
+    _register_arena(raw, data.numel() * 4, data.numpy().tobytes())
     tree = {"$dict": {"model": {"$module": "model", "keys": [f"l.{i}.w" for i in range(BIG_TENSORS)]}}}
     raw.sock.sendall(encode_snapshot(1, "big", 1, arena=1, layout=1, tree=tree, files={}))
     m = raw.recv()
@@ -278,3 +281,114 @@ def test_a_huge_layout_does_not_stall_other_clients(
         _commit_big_layout(raw)  # the layout is whole and right
     finally:
         raw.sock.close()
+
+
+# --- item 11, the parts: joined exactly, checked, and a large single frame kept in order --------
+
+
+@pytest.mark.parametrize("part_tensors", [1, 2, 3, 5])
+def test_layout_parts_join_to_the_layout(monkeypatch: pytest.MonkeyPatch, part_tensors: int) -> None:
+    monkeypatch.setattr(protocol, "LAYOUT_PART_BYTES", 0)
+    monkeypatch.setattr(protocol, "LAYOUT_PART_TENSORS", part_tensors)
+    for case in ([[1]], [[0]], [[3, 0, 2], [5]], [[2, 2], [2]], [[7]], [[0, 0], [1, 0, 4]]):
+        components = _components(case)
+        data = protocol.encode_register_layout(9, json.dumps(components).encode())
+        parts = [protocol.decode_client(b) for b in FrameReader().feed(data)]
+        assert all(isinstance(p, RegisterLayout) for p in parts)
+        assert [p.more for p in parts] == [True] * (len(parts) - 1) + [False]  # type: ignore[union-attr]
+        joined = LayoutParts(9)
+        for p in parts:
+            assert sum(len(s.tensors) for c in p.components for s in c.shards) <= part_tensors  # type: ignore[union-attr]
+            joined.add(p)  # type: ignore[arg-type]
+        assert joined.error is None
+        want = [ComponentEntry.model_validate(c) for c in components]
+        assert [c.model_dump() for c in joined.components()] == [c.model_dump() for c in want], case
+
+
+def _components(shards_per_component: list[list[int]]) -> list[dict[str, object]]:
+    out: list[dict[str, object]] = []
+    k = 0
+    for ci, sizes in enumerate(shards_per_component):
+        shards = []
+        for si, n in enumerate(sizes):
+            ts = [
+                {"name": f"t{k + i}", "dtype": "F32", "shape": [1], "start": 4 * i, "end": 4 * i + 4}
+                for i in range(n)
+            ]
+            k += n
+            shards.append({"offset": 4096 * si, "nbytes": 4 * n, "tensors": ts})
+        out.append({"name": f"c{ci}", "shards": shards, "aliases": {"a": "t0"} if ci == 0 else {}})
+    return out
+
+
+def test_sliced_shard_headers_are_the_bytes_of_encode_header() -> None:
+    for n in (0, 1, layouts.HEADER_SLICE_TENSORS, layouts.HEADER_SLICE_TENSORS + 1, 10_000):
+        ts = [TensorEntry(name=f"t{i}é", dtype="BF16", shape=[2, i % 3], start=0, end=0) for i in range(n)]
+        header = layouts._header(ShardEntry(offset=0, nbytes=0, tensors=ts))
+        assert header == encode_header(
+            HeaderEntry(t.name, t.dtype, tuple(t.shape), t.start, t.end) for t in ts
+        )
+
+
+def test_parts_that_do_not_join_fail_the_layout_with_the_reason(daemon: DaemonProc) -> None:
+    raw = _Raw(daemon.socket)
+    try:
+        shard = ShardEntry(
+            offset=0, nbytes=16, tensors=[TensorEntry(name="a", dtype="F32", shape=[4], start=0, end=16)]
+        )
+        first = RegisterLayout(layout=5, components=[ComponentEntry(name="model", shards=[shard])], more=True)
+        moved = shard.model_copy(update={"offset": 4096})
+        second = RegisterLayout(
+            layout=5, components=[ComponentEntry(name="model", shards=[moved])], continues_shard=True
+        )
+        _register_arena(raw, 8192, b"")
+        raw.sock.sendall(encode(first) + encode(second))
+        raw.sock.sendall(encode_snapshot(1, "r", 1, arena=1, layout=5, tree=None, files={}))
+        m = raw.recv()
+        while m.kind not in ("committed", "failed"):
+            m = raw.recv()
+        assert isinstance(m, Failed) and m.code == "invalid_request", m
+        assert "continues a shard it does not match" in m.message
+    finally:
+        raw.sock.close()
+
+
+def test_a_large_single_frame_layout_is_decoded_off_the_loop_in_order(daemon: DaemonProc) -> None:
+    """One 20,000-tensor ``RegisterLayout`` frame (over the 256 KiB that are decoded on the loop,
+    as an older client sends it) and, in the same write, the snapshot naming it: the snapshot
+    waits for the layout and commits."""
+    n = 20_000
+    raw = _Raw(daemon.socket)
+    try:
+        data = torch.arange(n * 4, dtype=torch.float32)
+        _register_arena(raw, n * 16, data.numpy().tobytes())
+        body = json.dumps(
+            {"kind": "register_layout", "layout": 3, "components": json.loads(_big_layout(n))}
+        ).encode()
+        assert len(body) > HEAVY_FRAME_BYTES
+        tree = {"$dict": {"model": {"$module": "model", "keys": [f"l.{i}.w" for i in range(n)]}}}
+        raw.sock.sendall(
+            struct.pack(">I", len(body))
+            + body
+            + encode_snapshot(1, "single", 1, arena=1, layout=3, tree=tree, files={})
+        )
+        m = raw.recv()
+        while m.kind not in ("committed", "failed"):
+            m = raw.recv()
+        assert isinstance(m, Committed), m
+        loaded = ckptd.load(m.path)["model"]
+        assert same_bits(loaded[f"l.{n - 1}.w"], data[-4:])
+    finally:
+        raw.sock.close()
+
+
+def _register_arena(raw: _Raw, size: int, content: bytes) -> None:
+    fd = os.memfd_create("arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        if content:
+            os.pwrite(fd, content, 0)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+        socket.send_fds(raw.sock, [encode(RegisterArena(arena=1, size=size))], [fd])
+    finally:
+        os.close(fd)

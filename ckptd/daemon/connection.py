@@ -17,6 +17,7 @@ loop goes on serving every other client meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -56,7 +57,8 @@ if TYPE_CHECKING:
     from ckptd.daemon.server import Daemon
 
 log = logging.getLogger(__name__)
-_RECV_BYTES = 1 << 20
+#: Bytes one readiness callback reads at most (and so decodes): a bound on its time on the loop.
+_RECV_BYTES = 256 * 2**10
 _MAX_FDS_PER_RECV = 8
 #: Frames larger than this are decoded and prepared off the event loop (about 2,500 tensors of
 #: a layout; a 700,000-tensor layout takes seconds of CPU).
@@ -192,7 +194,12 @@ class Connection:
         self._offloaded = True
         self._loop.remove_reader(self._sock.fileno())
         future = self.daemon.layout_executor.submit(work)
-        future.add_done_callback(lambda f: self._loop.call_soon_threadsafe(self._offload_done, f))
+        future.add_done_callback(self._offload_finished)
+
+    def _offload_finished(self, future: Future[_Work]) -> None:
+        """On the layout thread: hand the result to the event loop (gone if the daemon stopped)."""
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._offload_done, future)
 
     def _offload_done(self, future: Future[_Work]) -> None:
         self._offloaded = False
