@@ -26,20 +26,30 @@ The layout of a snapshot (components, shards, tensor names, dtypes, shapes, offs
 from one snapshot to the next while the model does not change, and with 20,000 tensors it is most
 of a request. A client registers it once per connection (``RegisterLayout``) and its snapshots
 name it (``Snapshot.layout``); the daemon validates it and encodes its shard headers and index
-files once. A ``Snapshot`` may instead carry its ``components`` inline.
+files once. A ``Snapshot`` may instead carry its ``components`` inline. A layout larger than
+``LAYOUT_PART_BYTES`` (protocol 4) is sent as consecutive ``RegisterLayout`` parts of at most
+``LAYOUT_PART_TENSORS`` tensors, all but the last with ``more``; a part's first component
+continues the previous part's last one when it has the same name, and its first shard continues
+that component's last shard when ``continues_shard`` is set. Each part is decoded in a few
+milliseconds, so no one client's layout holds the daemon's event loop.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from typing import Annotated, Literal
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
 
 PROTOCOL_VERSION = 4
 #: Largest frame either side accepts; a 20,000-tensor snapshot request is a few MB.
 MAX_FRAME_BYTES = 64 * 2**20
+#: A layout whose components serialize to more than this is sent in parts of at most
+#: ``LAYOUT_PART_TENSORS`` tensors (a part is decoded in about 10 ms).
+LAYOUT_PART_BYTES = 192 * 2**10
+LAYOUT_PART_TENSORS = 2048
 _LEN = struct.Struct(">I")
 
 
@@ -96,6 +106,8 @@ class RegisterLayout(Message):
     kind: Literal["register_layout"] = "register_layout"
     layout: int
     components: list[ComponentEntry]
+    more: bool = False  # a part: more parts of this layout follow
+    continues_shard: bool = False  # the first shard continues the previous part's last shard
 
 
 class Snapshot(Message):
@@ -242,10 +254,55 @@ def encode(message: Message) -> bytes:
 
 
 def encode_register_layout(layout: int, components_json: bytes) -> bytes:
-    """A ``RegisterLayout`` frame around pre-serialized components (cached per layout by the
-    client). The daemon validates it like any other frame."""
+    """The ``RegisterLayout`` frame, or consecutive frames of its parts for a large layout,
+    around pre-serialized components (cached per layout by the client). The daemon validates
+    them like any other frame."""
+    if len(components_json) > LAYOUT_PART_BYTES:
+        return encode_register_layout_parts(layout, json.loads(components_json))
     head = json.dumps({"kind": "register_layout", "layout": layout})
     return _frame(b"".join((head[:-1].encode(), b',"components":', components_json, b"}")), "layout")
+
+
+def encode_register_layout_parts(layout: int, components: list[dict[str, Any]]) -> bytes:
+    """``RegisterLayout`` parts of the wire form of ``list[ComponentEntry]`` (plain dicts), for a
+    caller that has not serialized it (saves parsing it back)."""
+    return b"".join(_layout_parts(layout, components))
+
+
+def _layout_parts(layout: int, components: list[dict[str, Any]]) -> Iterator[bytes]:
+    """Frames of at most ``LAYOUT_PART_TENSORS`` tensors each, split inside a shard if need be."""
+    part: list[dict[str, Any]] = []
+    count, continues = 0, False
+
+    def frame(more: bool) -> bytes:
+        fields = {
+            "kind": "register_layout",
+            "layout": layout,
+            "components": part,
+            "more": more,
+            "continues_shard": continues,
+        }
+        return _frame(json.dumps(fields, separators=(",", ":")).encode(), "layout part")
+
+    for c in components:
+        piece: dict[str, Any] = {"name": c["name"], "shards": [], "aliases": c.get("aliases", {})}
+        part.append(piece)
+        for shard in c["shards"]:
+            tensors, start = shard["tensors"], 0
+            while True:
+                take = min(len(tensors) - start, LAYOUT_PART_TENSORS - count)
+                piece["shards"].append({**shard, "tensors": tensors[start : start + take]})
+                count, start = count + take, start + take
+                if start >= len(tensors):
+                    break
+                yield frame(more=True)  # full inside this shard: the next part continues it
+                piece = {"name": c["name"], "shards": [], "aliases": {}}
+                part, count, continues = [piece], 0, True
+            if count >= LAYOUT_PART_TENSORS:
+                yield frame(more=True)
+                piece = {"name": c["name"], "shards": [], "aliases": {}}
+                part, count, continues = [piece], 0, False
+    yield frame(more=False)
 
 
 def encode_snapshot(  # noqa: PLR0917 - the fields of one frame

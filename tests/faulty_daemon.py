@@ -11,7 +11,9 @@ FAULT is one of
 - ``kill-after:OP:N[:STEP]``: SIGKILL it right *after* the N-th call of OP returned;
 - ``eio-at:OP:N[:STEP]``: the N-th call of OP fails with EIO instead (nothing is done);
 - ``layout-limit:N``: no storage fault; a connection may hold layouts of N tensors and the
-  daemon 2N (instead of millions), so the limits can be reached with small frames.
+  daemon 2N (instead of millions), so the limits can be reached with small frames;
+- ``connections:N:SECONDS``: no storage fault; the daemon serves at most N clients and closes
+  a connection that has not said hello within SECONDS.
 
 OP is a ``Storage`` method (``mkdir``, ``create``, ``pwrite``, ``fsync``, ``close``, ``fsync_dir``,
 ``rename``, ``remove_tree``) or ``any``, optionally followed by ``@GLOB`` to count only calls on a
@@ -164,4 +166,10 @@ if __name__ == "__main__":
 
         layouts.MAX_LAYOUT_TENSORS = int(sys.argv[1].split(":")[1])
         layouts.MAX_DAEMON_LAYOUT_TENSORS = 2 * layouts.MAX_LAYOUT_TENSORS
+    if sys.argv[1].startswith("connections:"):
+        from ckptd.daemon import connection
+
+        _, limit, hello_s = sys.argv[1].split(":")
+        connection.MAX_CONNECTIONS = int(limit)
+        connection.HELLO_TIMEOUT_S = float(hello_s)
     raise SystemExit(main(["serve", *sys.argv[2:]], storage=FaultyStorage(sys.argv[1])))

@@ -39,6 +39,7 @@ FILES = [
     "tests/test_hostile_files.py",
     "tests/test_liveness.py",
     "tests/test_bad_tensors.py",
+    "tests/test_handoff_faults.py",
 ]
 
 
@@ -279,6 +280,30 @@ SCENARIOS = [
         "Component `ckptd` and tensor names `''` and `__metadata__` are refused by `snapshot()`, "
         "before anything reaches the daemon.",
         r"test_bad_tensors\.py::test_reserved_names",
+    ),
+    Scenario(
+        "Trainer SIGKILLed while the daemon has not read its snapshots",
+        "The daemon is SIGSTOPped; a trainer takes three steps, each in a new slot (RegisterArena + "
+        "descriptor before each Snapshot), all return, the trainer is SIGKILLed, the daemon "
+        "resumed: every reply fails (EPIPE), yet every step is read, committed, verifies and loads "
+        "bit-exact.",
+        r"test_handoff_faults\.py::test_snapshots_returned_before_the_trainer_died_are_committed",
+    ),
+    Scenario(
+        "Idle connections up to the connection limit",
+        "`faulty_daemon.py connections:8:1`: 8 raw connections that never say hello; a real client "
+        "gets `too_many_clients` (not a reset), the idle ones are closed with `Failed` after the "
+        "hello timeout, then a real client connects and commits; clients that said hello count "
+        "towards the limit too.",
+        r"test_handoff_faults\.py::test_idle_connections",
+    ),
+    Scenario(
+        "A 150,000-tensor layout registering while others snapshot",
+        "One connection registers a 150,000-tensor layout (sent in parts, as the client does) while "
+        "another client commits small snapshots and new clients connect: each round trip under "
+        "a third of the registration time (unfixed: the whole of it); then a snapshot of the huge "
+        "layout commits bit-exact.",
+        r"test_handoff_faults\.py::test_a_huge_layout",
     ),
 ]
 

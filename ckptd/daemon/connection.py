@@ -4,21 +4,32 @@ asyncio streams carry no ancillary data, so the connection reads its raw non-blo
 with ``loop.add_reader`` and ``socket.recv_fds``. A descriptor arrives with the first byte of the
 ``RegisterArena`` frame it was sent with; descriptors are queued and taken in frame order.
 A broken or hostile client gets a ``Failed`` and is disconnected; the daemon goes on.
+
+What a client handed over is in the socket: every complete request is read and processed even
+when the client is gone. A reply that cannot be sent (EPIPE: a trainer killed after
+``snapshot()`` returned) only stops the replies; the connection reads on until EOF.
+
+Frames are dispatched in order. A large one (a layout of many thousands of tensors) is decoded
+and prepared on the daemon's layout thread while this connection's reading pauses, so the event
+loop goes on serving every other client meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import os
 import socket
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
 from ckptd.daemon import layouts as limits
 from ckptd.daemon.arenas import Arena, ArenaError
-from ckptd.daemon.layouts import PreparedLayout, prepare
+from ckptd.daemon.layouts import LayoutParts, PreparedLayout, prepare
 from ckptd.daemon.pipeline import Job
 from ckptd.daemon.validate import InvalidRequest, check_snapshot
 from ckptd.protocol import (
@@ -26,6 +37,7 @@ from ckptd.protocol import (
     Abandon,
     Accepted,
     ClientMessage,
+    ComponentEntry,
     Failed,
     FrameReader,
     Hello,
@@ -45,8 +57,15 @@ if TYPE_CHECKING:
     from ckptd.daemon.server import Daemon
 
 log = logging.getLogger(__name__)
-_RECV_BYTES = 1 << 20
+#: Bytes one readiness callback reads at most (and so decodes): a bound on its time on the loop.
+_RECV_BYTES = 256 * 2**10
 _MAX_FDS_PER_RECV = 8
+#: Frames larger than this are decoded and prepared off the event loop (about 2,500 tensors of
+#: a layout; a 700,000-tensor layout takes seconds of CPU).
+HEAVY_FRAME_BYTES = 256 * 2**10
+#: Seconds a new connection has to say hello before it is closed (idle connections must not
+#: hold the connection limit).
+HELLO_TIMEOUT_S = 5.0
 #: Descriptors a client may have registered and not yet released.
 MAX_ARENAS = 64
 #: Clients one daemon serves at once.
@@ -56,16 +75,25 @@ MAX_QUEUED_REPLY_BYTES = 16 * 2**20
 
 
 class Connection:
-    def __init__(self, daemon: Daemon, sock: socket.socket, peer_pid: int) -> None:
+    """``full``: the daemon serves ``MAX_CONNECTIONS`` already; this one is told so in reply to
+    its hello (a client reads that reply, not a bare reset) and closed."""
+
+    def __init__(self, daemon: Daemon, sock: socket.socket, peer_pid: int, *, full: bool = False) -> None:
         self.daemon = daemon
         self.peer_pid = peer_pid
         self._sock = sock
         self._loop = asyncio.get_running_loop()
         self._frames = FrameReader()
         self._fds: deque[int] = deque()
+        self._ready: deque[bytes] = deque()  # complete frames not dispatched yet, in order
+        self._offloaded = False  # a large frame is being decoded off the loop; reading paused
+        self._eof = False
+        self._replying = True  # False once a reply failed: the peer is gone, reading goes on
+        self._full = full
         self.arenas: dict[int, Arena] = {}
         # A layout that failed its checks is kept as the reason its snapshots fail.
         self.layouts: dict[int, PreparedLayout | str] = {}
+        self._parts: LayoutParts | None = None  # a layout whose parts are still arriving
         # Streamed snapshots of this connection not yet copied whole, by id.
         self.streaming: dict[int, Job] = {}
         self._out: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -73,6 +101,7 @@ class Connection:
         self._hello = False
         self.closed = False
         self.writer = asyncio.create_task(self._write_loop(), name=f"ckptd-conn-{peer_pid}-writer")
+        self._hello_timer = self._loop.call_later(HELLO_TIMEOUT_S, self._hello_expired)
         self._loop.add_reader(sock.fileno(), self._on_readable)
 
     @property
@@ -84,7 +113,7 @@ class Connection:
     def send(self, message: Message) -> None:
         """Queue a reply; a reply to a client that is gone is dropped, and a client that lets
         replies pile up unread is disconnected."""
-        if self.closed:
+        if self.closed or not self._replying:
             return
         data = encode(message)
         self._queued += len(data)
@@ -95,46 +124,116 @@ class Connection:
         self._out.put_nowait(data)
 
     async def _write_loop(self) -> None:
-        try:
-            while (data := await self._out.get()) is not None:
-                await self._loop.sock_sendall(self._sock, data)
-                self._queued -= len(data)
-        except (ConnectionError, OSError) as e:
-            log.info("client pid %s: send failed (%s); closing", self.peer_pid, e)
-            self.close()
+        while (data := await self._out.get()) is not None:
+            if self._replying:
+                try:
+                    await self._loop.sock_sendall(self._sock, data)
+                except (ConnectionError, OSError) as e:
+                    # The client is gone, but what it sent before is still in the socket: stop
+                    # replying, read on until EOF (its snapshots are committed all the same).
+                    log.info(
+                        "client pid %s: send failed (%s); no more replies, reading its requests to the end",
+                        self.peer_pid,
+                        e,
+                    )
+                    self._replying = False
+            self._queued -= len(data)
 
     # --- receiving -------------------------------------------------------------------------------
 
     def _on_readable(self) -> None:
-        try:
-            data, fds, flags, _ = socket.recv_fds(
-                self._sock, _RECV_BYTES, _MAX_FDS_PER_RECV, socket.MSG_CMSG_CLOEXEC
-            )
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            log.info("client pid %s: recv failed (%s)", self.peer_pid, e)
-            self.close()
-            return
-        self._fds.extend(fds)
-        if flags & socket.MSG_CTRUNC or len(self._fds) > 1:
-            self._refuse("bad_frame", "send exactly one descriptor, with its register_arena frame")
-            return
-        if not data:
-            self.close()
-            return
-        try:
-            for body in self._frames.feed(data):
-                self._dispatch(decode_client(body))
-                if self.closed:
+        """Read up to about ``_RECV_BYTES`` (a read stops at each passed descriptor, so several
+        reads), then dispatch what is complete; EOF closes once every frame is dispatched."""
+        got = 0
+        while got < _RECV_BYTES and not (self.closed or self._eof or self._offloaded or self._ready):
+            try:
+                data, fds, flags, _ = socket.recv_fds(
+                    self._sock, _RECV_BYTES, _MAX_FDS_PER_RECV, socket.MSG_CMSG_CLOEXEC
+                )
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # ECONNRESET comes only once every byte queued was read
+                log.info("client pid %s: recv failed (%s)", self.peer_pid, e)
+                data, fds, flags = b"", [], 0
+            got += len(data)
+            self._fds.extend(fds)
+            if flags & socket.MSG_CTRUNC or len(self._fds) > 1:
+                self._refuse("bad_frame", "send exactly one descriptor, with its register_arena frame")
+                return
+            self._eof = not data
+            try:
+                self._ready.extend(self._frames.feed(data))
+            except ProtocolError as e:
+                self._refuse("bad_frame", str(e))
+                return
+            self._pump()
+
+    def _pump(self) -> None:
+        """Dispatch the frames read, in order. A large one goes to the layout thread, with this
+        connection's reading paused, and the frames after it wait for it."""
+        while self._ready and not (self.closed or self._offloaded):
+            body = self._ready.popleft()
+            if len(body) > HEAVY_FRAME_BYTES:
+                if not self._hello:
+                    self._refuse("bad_frame", f"first message must be hello, got {len(body)} bytes")
                     return
-        except ProtocolError as e:
-            self._refuse("bad_frame", str(e))
+                self._offload(functools.partial(_decode_large, body))
+                return
+            try:
+                msg = decode_client(body)
+            except ProtocolError as e:
+                self._refuse("bad_frame", str(e))
+                return
+            self._dispatch(msg)
+        if self.closed or self._offloaded:
             return
         if self._fds and not self._frames.pending_bytes:  # a descriptor that came with another frame
             self._refuse("bad_frame", "a descriptor arrived without a register_arena frame")
+        elif self._eof:
+            self.close()
 
-    def _dispatch(self, msg: ClientMessage) -> None:
+    def _offload(self, work: Callable[[], _Work]) -> None:
+        """Run ``work`` on the layout thread, then dispatch what it returns; reading and the
+        frames after this one wait for it."""
+        self._offloaded = True
+        self._loop.remove_reader(self._sock.fileno())
+        future = self.daemon.layout_executor.submit(work)
+        future.add_done_callback(self._offload_finished)
+
+    def _offload_finished(self, future: Future[_Work]) -> None:
+        """On the layout thread: hand the result to the event loop (gone if the daemon stopped)."""
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._offload_done, future)
+
+    def _offload_done(self, future: Future[_Work]) -> None:
+        self._offloaded = False
+        if self.closed or future.cancelled():
+            return
+        try:
+            msg, prepared = future.result()
+        except ProtocolError as e:
+            self._refuse("bad_frame", str(e))
+            return
+        except Exception:
+            log.exception("client pid %s: decoding a large frame failed", self.peer_pid)
+            self._refuse("internal_error", "ckptd could not decode a large frame; see its log")
+            return
+        self._dispatch(msg, prepared)
+        self._pump()
+        if not (self.closed or self._offloaded or self._eof):
+            self._loop.add_reader(self._sock.fileno(), self._on_readable)
+
+    def _hello_expired(self) -> None:
+        if self._hello or self.closed:
+            return
+        self._on_readable()  # a hello that waited behind a busy loop still counts
+        if not (self._hello or self.closed):
+            self._refuse(
+                "hello_timeout",
+                f"no hello within {HELLO_TIMEOUT_S:g}s of connecting; connect with client.Client",
+            )
+
+    def _dispatch(self, msg: ClientMessage, prepared: Prepared | None = None) -> None:
         if not self._hello and not isinstance(msg, Hello):
             self._refuse("bad_frame", f"first message must be hello, got {msg.kind}")
             return
@@ -144,13 +243,13 @@ class Connection:
             case RegisterArena():
                 self._on_register(msg)
             case RegisterLayout():
-                self._on_layout(msg)
+                self._on_layout(msg, prepared)
             case ReleaseArena():
                 arena = self.arenas.pop(msg.arena, None)
                 if arena is not None:
                     arena.release()
             case Snapshot():
-                self._on_snapshot(msg)
+                self._on_snapshot(msg, prepared)
             case Staged():
                 self._on_staged(msg)
             case Abandon():
@@ -168,7 +267,16 @@ class Connection:
                 "install the same ckptd version on both sides",
             )
             return
+        if self._full:
+            self._refuse(
+                "too_many_clients",
+                f"ckptd already serves {MAX_CONNECTIONS} clients; close the clients you no longer "
+                "use (each Client holds a connection until close()) and retry, or run another "
+                "daemon on another socket (CKPTD_SOCKET)",
+            )
+            return
         self._hello = True
+        self._hello_timer.cancel()
         self.send(self.daemon.welcome())
 
     def _on_register(self, msg: RegisterArena) -> None:
@@ -186,13 +294,34 @@ class Connection:
             os.close(fd)
             self._refuse("bad_arena", str(e))
 
-    def _on_layout(self, msg: RegisterLayout) -> None:
-        self.layouts.pop(msg.layout, None)
-        try:
-            layout: PreparedLayout | str = prepare(msg.components)
-        except ValueError as e:  # InvalidRequest, or anything else the layout's values break
-            layout = f"layout {msg.layout}: {e}"
+    def _on_layout(self, msg: RegisterLayout, prepared: Prepared | None) -> None:
+        parts = self._parts
+        if parts is not None and parts.layout != msg.layout:
+            parts = None  # a new layout supersedes one left unfinished
+        if not msg.more and parts is None:
+            self._register_layout(msg.layout, _prepare(msg.components) if prepared is None else prepared)
+            return
+        if parts is None:
+            parts = LayoutParts(msg.layout)
+        parts.add(msg)
+        limits.settle()  # the parts held so far: the layout grows to millions of objects
+        self._parts = parts if msg.more else None
+        if msg.more:
+            return
+        if parts.error is not None:
+            self._register_layout(msg.layout, InvalidRequest(parts.error))
+            return
+        whole = RegisterLayout.model_construct(layout=msg.layout, components=parts.components())
+        self._offload(lambda: (whole, _prepare(whole.components)))
+
+    def _register_layout(self, layout_id: int, prepared: Prepared) -> None:
+        self.layouts.pop(layout_id, None)
+        layout: PreparedLayout | str = (
+            prepared if isinstance(prepared, PreparedLayout) else f"layout {layout_id}: {prepared}"
+        )
         size = layout.tensors if isinstance(layout, PreparedLayout) else 0
+        if size >= limits.SETTLE_TENSORS:
+            limits.settle()
         while self.layouts and (
             len(self.layouts) >= limits.MAX_LAYOUTS
             or _tensors(self.layouts.values()) + size > limits.MAX_LAYOUT_TENSORS
@@ -202,15 +331,19 @@ class Connection:
         mine = _tensors(self.layouts.values())
         if size and others + mine + size > limits.MAX_DAEMON_LAYOUT_TENSORS:
             layout = _OverLimit(
-                f"layout {msg.layout}: its {size} tensors would take the layouts held by this daemon "
+                f"layout {layout_id}: its {size} tensors would take the layouts held by this daemon "
                 f"past its limit of {limits.MAX_DAEMON_LAYOUT_TENSORS} tensors ({others} held for "
                 "other connections); close idle clients, or snapshot fewer, larger tensors"
             )
-        self.layouts[msg.layout] = layout
+        self.layouts[layout_id] = layout
 
-    def _layout_of(self, msg: Snapshot) -> PreparedLayout:
+    def _layout_of(self, msg: Snapshot, prepared: Prepared | None) -> PreparedLayout:
         if msg.layout is None:
-            return prepare(msg.components)
+            if prepared is None:
+                return prepare(msg.components)
+            if isinstance(prepared, ValueError):
+                raise prepared
+            return prepared
         if msg.components:
             raise InvalidRequest("a snapshot names a registered layout or carries components, not both")
         layout = self.layouts.get(msg.layout)
@@ -222,7 +355,7 @@ class Connection:
             raise InvalidRequest(layout)
         return layout
 
-    def _on_snapshot(self, msg: Snapshot) -> None:
+    def _on_snapshot(self, msg: Snapshot, prepared: Prepared | None) -> None:
         arena = self.arenas.get(msg.arena)
         if self.daemon.stopping:
             self.send(
@@ -232,7 +365,7 @@ class Connection:
         try:
             if arena is None:
                 raise InvalidRequest(f"arena {msg.arena} is not registered on this connection")
-            layout = self._layout_of(msg)
+            layout = self._layout_of(msg, prepared)
             check_snapshot(msg, layout.components, arena.size)
             if self.daemon.pipeline.busy(msg.run, msg.step):
                 raise InvalidRequest(f"step {msg.step} of run {msg.run!r} is already being written")
@@ -284,6 +417,8 @@ class Connection:
             return
         self._out.put_nowait(None)
         self.closed = True
+        self._hello_timer.cancel()
+        self._ready.clear()
         self._loop.remove_reader(self._sock.fileno())
         for job in self.streaming.values():
             job.abandon("its client disconnected before it finished copying")
@@ -304,6 +439,32 @@ class _OverLimit(str):
 
 class LayoutLimit(InvalidRequest):
     """A snapshot names a layout refused for the daemon-wide limit."""
+
+
+#: A layout prepared, or why it could not be.
+Prepared = PreparedLayout | ValueError
+
+
+def _prepare(components: list[ComponentEntry]) -> Prepared:
+    try:
+        return prepare(components)
+    except ValueError as e:  # InvalidRequest, or anything else the layout's values break
+        return e
+
+
+#: What the layout thread hands back: a message to dispatch, and the layout prepared for it.
+_Work = tuple[ClientMessage, Prepared | None]
+
+
+def _decode_large(body: bytes) -> _Work:
+    """On the layout thread: decode a large frame, and prepare the layout it carries (a part of
+    one is prepared once it is whole)."""
+    msg = decode_client(body)
+    if isinstance(msg, RegisterLayout) and not (msg.more or msg.continues_shard):
+        return msg, _prepare(msg.components)
+    if isinstance(msg, Snapshot) and msg.layout is None:
+        return msg, _prepare(msg.components)
+    return msg, None
 
 
 def _tensors(layouts: Iterable[PreparedLayout | str]) -> int:

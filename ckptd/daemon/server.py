@@ -23,12 +23,13 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from ckptd import commit, sockdir
-from ckptd.daemon import heartbeat
-from ckptd.daemon.connection import MAX_ARENAS, MAX_CONNECTIONS, Connection
+from ckptd.daemon import connection, heartbeat
+from ckptd.daemon.connection import MAX_ARENAS, Connection
 from ckptd.daemon.metrics import Metrics, serve_metrics
 from ckptd.daemon.notify import Notifier
 from ckptd.daemon.pipeline import STAGE_TIMEOUT_S, Pipeline, PipelineOptions
@@ -38,6 +39,8 @@ from ckptd.storage import Storage
 
 log = logging.getLogger(__name__)
 _UCRED = struct.Struct("3i")
+#: Connections over the limit kept until they have read why they are refused.
+MAX_REFUSING = 64
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,10 @@ class Daemon:
         self._watchdog: asyncio.Task[None] | None = None
         self._heartbeats: asyncio.Task[None] | None = None
         self._connections: set[Connection] = set()
+        self._refusing: set[Connection] = set()  # over the limit: told so in reply to hello
+        # Large frames (layouts of many thousands of tensors) are decoded here, one at a time,
+        # not on the event loop.
+        self.layout_executor = ThreadPoolExecutor(1, thread_name_prefix="ckptd-layout")
         self._listener: socket.socket | None = None
         self._lock_fd: int | None = None
         self._root_lock_fd: int | None = None
@@ -235,8 +242,9 @@ class Daemon:
             loop.remove_reader(self._listener.fileno())
             loop.call_later(1.0, self._resume_accept)
             return
-        if len(self._connections) >= MAX_CONNECTIONS:
-            log.warning("refusing a connection: %d clients already", len(self._connections))
+        full = len(self._connections) >= connection.MAX_CONNECTIONS
+        if full and len(self._refusing) >= MAX_REFUSING:
+            log.warning("closing a connection: %d clients already", len(self._connections))
             sock.close()
             return
         sock.setblocking(False)
@@ -245,7 +253,11 @@ class Daemon:
             log.warning("refusing pid %s: uid %s is not the daemon's uid %s", pid, uid, os.geteuid())
             sock.close()
             return
-        self._connections.add(Connection(self, sock, pid))
+        if full:
+            log.warning("refusing pid %s: %d clients already", pid, len(self._connections))
+            self._refusing.add(Connection(self, sock, pid, full=True))
+        else:
+            self._connections.add(Connection(self, sock, pid))
 
     def _resume_accept(self) -> None:
         if self._listener is not None:
@@ -253,6 +265,7 @@ class Daemon:
 
     def forget(self, conn: Connection) -> None:
         self._connections.discard(conn)
+        self._refusing.discard(conn)
 
     def connections(self) -> list[Connection]:
         return list(self._connections)
@@ -297,9 +310,11 @@ class Daemon:
             log.error(
                 "in-flight snapshots did not finish within %ss; abandoning them", self.options.drain_timeout_s
             )
-        writers = [conn.writer for conn in self._connections]
-        for conn in list(self._connections):
+        conns = [*self._connections, *self._refusing]
+        writers = [conn.writer for conn in conns]
+        for conn in conns:
             conn.close()
+        self.layout_executor.shutdown(wait=False, cancel_futures=True)
         if writers:  # let queued replies (the drained jobs' Committed) reach their clients
             await asyncio.wait(writers, timeout=5.0)
         self.pipeline.close()
