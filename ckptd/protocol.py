@@ -65,6 +65,9 @@ class Hello(Message):
     version: int
     pid: int
     root: str | None = None  # the root the client expects; None takes the daemon's
+    # Names this connection in StatusReply.connections, so a client that lost it can tell when
+    # the daemon has read everything it sent there (a lost snapshot's slot is free only then).
+    token: str = ""
 
 
 class RegisterArena(Message):
@@ -216,6 +219,8 @@ class StatusReply(Message):
     failed: int
     bytes_written: int
     jobs: list[JobStatus]
+    # Tokens of the connections the daemon still reads (not yet at end of stream).
+    connections: list[str] = []
 
 
 class JobProgress(Message):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import select
 import socket
 import struct
@@ -40,12 +41,18 @@ MAX_SOCKET_PATH = 107
 
 
 class Channel:
-    def __init__(self, sock: socket.socket, welcome: Welcome, frames: FrameReader) -> None:
+    def __init__(self, sock: socket.socket, welcome: Welcome, frames: FrameReader, token: str = "") -> None:
         self.sock = sock
+        self.token = token  # this connection's name in the daemon's StatusReply.connections
         self.welcome = welcome
         self._frames = frames
-        self._send_lock = threading.Lock()
+        self._send_lock = threading.Lock()  # one frame at a time on the stream
+        self._state = threading.Lock()  # guards closed/_end; never held while blocked on I/O
         self.closed = False
+        # Seconds a send may make no progress (the daemon reads nothing) before the connection is
+        # given up as unresponsive; the client sets its liveness_timeout_s.
+        self.send_timeout_s = 30.0
+        self._partial = 0  # bytes of the frame being sent that went
         self._thread: threading.Thread | None = None
         # What this connection was told, so a reconnect (from any thread) starts from nothing.
         self.arenas: set[int] = set()
@@ -74,7 +81,8 @@ class Channel:
                     f"stopped, hung or overloaded; check `ckptd status` and {path}.log, or restart it",
                     code="daemon_unresponsive",
                 ) from e
-            msg, frames = _hello(sock, path, timeout_s)
+            token = secrets.token_hex(8)
+            msg, frames = _hello(sock, path, timeout_s, token)
         except BaseException:
             sock.close()
             raise
@@ -86,7 +94,7 @@ class Channel:
             raise CheckpointError(f"ckptd at {path} answered hello with {msg.kind}", code="protocol")
         sock.settimeout(None)
         _check_peer(sock, path)
-        return cls(sock, msg, frames)
+        return cls(sock, msg, frames, token)
 
     def call(self, message: Message) -> DaemonMessage:
         """Send and wait for the next reply; only before ``start()`` (tools like ``ckptd status``)."""
@@ -118,23 +126,60 @@ class Channel:
         self.send_bytes(data, fds)
 
     def send_bytes(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
-        """Send one encoded frame (with descriptors as SCM_RIGHTS)."""
+        """Send one encoded frame (with descriptors as SCM_RIGHTS); returns once all of it is in
+        the kernel. A daemon that reads none of it for ``send_timeout_s`` (stopped, hung) ends
+        the connection as unresponsive instead of blocking the caller forever; so does a frame
+        left half sent (by an error or an interrupt): the stream could not be parsed after it."""
         with self._send_lock:
             if self.closed:
                 reason, code = self.end
                 raise CheckpointError(reason, code=code)
+            view = memoryview(data)
             try:
-                if fds:
-                    sent = socket.send_fds(self.sock, [data], list(fds))
-                    if sent < len(data):
-                        self.sock.sendall(data[sent:])
-                else:
-                    self.sock.sendall(data)
+                self._send_within(view, fds)
             except OSError as e:
-                raise CheckpointError(
-                    f"could not reach ckptd ({e.strerror or e}); the daemon died or was stopped",
-                    code="daemon_died",
-                ) from e
+                why = f"could not reach ckptd ({e.strerror or e}); the daemon died or was stopped"
+                self.abort(why, "daemon_died")
+                reason, code = self.end
+                raise CheckpointError(reason, code=code) from e
+            except BaseException:
+                if 0 < self._partial < len(view):
+                    self.abort("a frame to ckptd was interrupted half sent", "daemon_died")
+                raise
+
+    def _send_within(self, view: memoryview, fds: tuple[int, ...]) -> None:
+        """Send ``view`` without blocking in the kernel, waiting for room at most
+        ``send_timeout_s`` at a time; ``_partial`` counts what went, for the caller's cleanup."""
+        self._partial = 0
+        deadline = time.monotonic() + self.send_timeout_s
+        with_fds = list(fds)
+        while self._partial < len(view):
+            try:
+                if with_fds:
+                    n = socket.send_fds(self.sock, [view], with_fds, socket.MSG_DONTWAIT)
+                    with_fds = []  # they went with the first byte
+                else:
+                    n = self.sock.send(view[self._partial :], socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            if n:
+                self._partial += n
+                deadline = time.monotonic() + self.send_timeout_s
+                continue
+            if self.closed:
+                reason, code = self.end
+                raise CheckpointError(reason, code=code)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                pid = self.welcome.pid
+                self.abort(
+                    f"ckptd (pid {pid}) read nothing of a {len(view)}-byte frame for "
+                    f"{self.send_timeout_s:g} s: it is stopped (`kill -CONT {pid}`) or hung",
+                    "daemon_unresponsive",
+                )
+                reason, code = self.end
+                raise CheckpointError(reason, code=code)
+            select.select([], [self.sock], [self.sock], min(left, 0.25))
 
     def _read_loop(
         self, on_message: Callable[[DaemonMessage], None], on_close: Callable[[str, str], None]
@@ -154,7 +199,7 @@ class Channel:
             if not self.closed:
                 reason = f"connection to ckptd failed ({e})"
         finally:
-            with self._send_lock:
+            with self._state:
                 if self._end is None:
                     self._end = (reason, "daemon_died")
                 self.closed = True
@@ -177,8 +222,9 @@ class Channel:
         return bool(readable)
 
     def abort(self, reason: str, code: str) -> None:
-        """End the connection from this side: ``on_close`` gets ``reason`` and ``code``."""
-        with self._send_lock:
+        """End the connection from this side: ``on_close`` gets ``reason`` and ``code``. Never
+        waits for a send in progress (the shutdown wakes it)."""
+        with self._state:
             if self.closed:
                 return
             self._end = (reason, code)
@@ -187,7 +233,7 @@ class Channel:
             self.sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
-        with self._send_lock:
+        with self._state:
             if not self.closed:
                 self._end = ("this client closed its connection to ckptd", "closed")
             self.closed = True
@@ -200,12 +246,14 @@ class Channel:
         self.sock.close()
 
 
-def _hello(sock: socket.socket, path: Path, timeout_s: float) -> tuple[DaemonMessage, FrameReader]:
+def _hello(
+    sock: socket.socket, path: Path, timeout_s: float, token: str
+) -> tuple[DaemonMessage, FrameReader]:
     """Send Hello and read the daemon's answer (heartbeats aside); every way it can go wrong is
     a ``CheckpointError`` naming the socket."""
     refused: OSError | None = None
     try:
-        sock.sendall(encode(Hello(version=PROTOCOL_VERSION, pid=os.getpid())))
+        sock.sendall(encode(Hello(version=PROTOCOL_VERSION, pid=os.getpid(), token=token)))
     except OSError as e:  # refused already: read the reason it sent, if any
         refused = e
     frames = FrameReader()

@@ -45,13 +45,16 @@ from client.handle import CommitInfo, SnapshotHandle, now
 from client.inflight import InFlight, Request
 from client.liveness import Progress, Watchdog
 from client.plan import Plan, copy_pairs, make_plan, signature
-from client.reap import Lost, Reaper, committed
+from client.reap import Lost, Reaper, committed, no_longer_read
 from client.slots import Policy, Quarantine, SlotPool
 from client.spawn import connect_daemon, default_socket
 from client.staging import CudaStager, copy_host, copy_pairs_host
 from client.tree import Flat, flatten, paused_gc
 
 log = logging.getLogger(__name__)
+#: Seconds a reconnection waits for the hello of a daemon that is listening: a live one answers
+#: at once (its event loop never blocks for long); a stopped one must not hold training longer.
+RECONNECT_HELLO_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,8 @@ class Client:
         self._plan: Plan | None = None
         self._status: list[StatusReply] = []
         self._status_ready = threading.Condition()
+        self._status_call = threading.Lock()  # one status() at a time: replies carry no id
+        self._reconnect_failed: tuple[float, CheckpointError] | None = None  # when, and why
         self._cuda = CudaStager()
         self._closed = False
         self._progress = Progress(options.stuck_timeout_s)
@@ -140,7 +145,7 @@ class Client:
         client._watchdog = Watchdog(opts.liveness_timeout_s, lambda: client._channel, client._waiting_on)
         return client
 
-    def _reconnect(self) -> None:
+    def _reconnect(self, hello_timeout_s: float | None = None) -> None:
         if self._channel is not None:
             self._channel.close()
             self._channel = None
@@ -152,7 +157,9 @@ class Client:
             daemon_args=self.options.daemon_args,
             max_shard_size=self.options.max_shard_size,
             timeout_s=self.options.connect_timeout_s,
+            hello_timeout_s=hello_timeout_s,
         )
+        channel.send_timeout_s = self.options.liveness_timeout_s
         welcome = channel.welcome
         self.root = Path(welcome.root)
         self._channel = channel
@@ -161,8 +168,27 @@ class Client:
         channel.start(self._on_message, lambda reason, code: self._on_close(channel, reason, code))
 
     def _connected(self) -> Channel:
+        """The connection, made again if it was lost. Against a daemon that is stopped or hung,
+        one attempt waits at most ``RECONNECT_HELLO_S`` for its hello, and for
+        ``liveness_timeout_s`` after such an attempt failed the error is raised again at once: the
+        training thread is never held for ``connect_timeout_s`` at every snapshot."""
         if self._channel is None or self._channel.closed:
-            self._reconnect()
+            failed = self._reconnect_failed
+            if failed is not None and time.monotonic() - failed[0] < self.options.liveness_timeout_s:
+                ago = time.monotonic() - failed[0]
+                raise CheckpointError(
+                    f"not connected to ckptd; reconnecting {ago:.1f} s ago failed: {failed[1]} "
+                    f"(tried again {self.options.liveness_timeout_s:g} s after that, "
+                    "liveness_timeout_s)",
+                    code=failed[1].code,
+                ) from failed[1]
+            try:
+                self._reconnect(min(self.options.connect_timeout_s, RECONNECT_HELLO_S))
+            except CheckpointError as e:
+                if e.code == "daemon_unresponsive":  # a wait; a refusal or no daemon is quick to retry
+                    self._reconnect_failed = (time.monotonic(), e)
+                raise
+            self._reconnect_failed = None
         if self._channel is None:
             raise CheckpointError("not connected to ckptd", code="daemon_died")
         return self._channel
@@ -350,7 +376,7 @@ class Client:
         except BaseException:
             if lost is None:
                 self._try_send(channel, encode(Abandon(id=handle.id)))
-                q = Quarantine(handle.run, handle.step, channel.welcome.instance, copied=lambda: True)
+                q = Quarantine(handle.run, handle.step, channel.welcome.instance, lambda: True, channel.token)
                 self._slots.quarantine(request.arena, q)
             raise
         if lost is not None:
@@ -517,10 +543,13 @@ class Client:
             handle = entry.handle
             # Not `staged`: a failed handle is staged at once, while a device copy may still run.
             q = Quarantine(
-                handle.run, handle.step, entry.channel.welcome.instance, copied=handle._copied.is_set
+                handle.run,
+                handle.step,
+                entry.channel.welcome.instance,
+                copied=handle._copied.is_set,
+                connection=entry.channel.token,
             )
-            self._slots.quarantine(entry.request.arena, q)
-            self._slots.keep(entry.request.arena, f"step {handle.step} of run {handle.run!r}")
+            self._slots.lose(entry.request.arena, q, f"step {handle.step} of run {handle.run!r}")
             handle._fail(
                 CheckpointError(
                     f"{reason}; step {handle.step} of run {handle.run!r} may not be committed (its bytes "
@@ -601,23 +630,22 @@ class Client:
         """If the daemon that lost them is still the one answering, wait until it no longer writes
         them, so a resubmission never races the original write."""
         deadline = time.monotonic() + timeout_s
-        same = {
-            (o.handle.run, o.handle.step)
+        reply = self.status(self.options.liveness_timeout_s)
+        while time.monotonic() < deadline and any(
+            o.request.arena.quarantine is not None
+            and not no_longer_read(o.request.arena.quarantine, reply, channel)
             for o in orphans
-            if o.channel.welcome.instance == channel.welcome.instance
-        }
-        while same and time.monotonic() < deadline:
-            same &= {(j.run, j.step) for j in self.status(self.options.liveness_timeout_s).jobs}
-            if same:
-                time.sleep(0.2)
+        ):
+            time.sleep(0.2)
+            reply = self.status(self.options.liveness_timeout_s)
         for o in orphans:  # a device-to-host copy may still be filling its slot
             o.handle._copied.wait(max(0.0, deadline - time.monotonic()))
-        self._slots.release_quarantined(lambda q: (q.run, q.step) not in same)
+        self._slots.release_quarantined(lambda q: no_longer_read(q, reply, channel))
 
     def status(self, timeout_s: float = 10.0) -> StatusReply:
         """What the daemon is doing now."""
         channel = self._connected()
-        with self._status_ready:
+        with self._status_call, self._status_ready:
             self._status.clear()
             channel.send(StatusRequest())
             if not self._status_ready.wait_for(lambda: bool(self._status) or channel.closed, timeout_s):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import InvalidStateError
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,13 +126,16 @@ class SnapshotHandle:
         self._copied.set()
         self._staged.set()
 
+    # The outcome is set once; threads (I/O, watchdog, training) may race to set it, and the
+    # first wins: a late one must not raise in the thread that reports the others.
+
     def _commit(self, info: CommitInfo) -> None:
-        if not self._future.done():
+        with contextlib.suppress(InvalidStateError):
             self._future.set_result(info)
 
     def _fail(self, error: CheckpointError) -> None:
         self._staged.set()
-        if not self._future.done():
+        with contextlib.suppress(InvalidStateError):
             self._future.set_exception(error)
 
     def _skip(self) -> None:

@@ -21,11 +21,23 @@ from ckptd.protocol import StatusReply
 from client.channel import Channel
 from client.errors import CheckpointError
 from client.handle import SnapshotHandle
-from client.slots import SlotPool
+from client.slots import Quarantine, SlotPool
 
 log = logging.getLogger(__name__)
 #: A lost snapshot's handle, and how to forget it (freeing its slot) once it is committed.
 Lost = tuple[SnapshotHandle, Callable[[], None]]
+
+
+def no_longer_read(q: Quarantine, reply: StatusReply, channel: Channel) -> bool:
+    """Whether the daemon that answered ``reply`` on ``channel`` can no longer read the slot
+    quarantined by ``q``: it is another instance (the one that could is gone), or it neither
+    writes that step nor still reads the connection the request went on. A reply on the same
+    connection comes after every frame sent before it was handled (frames are taken in order)."""
+    if q.instance != channel.welcome.instance:
+        return True
+    if any((j.run, j.step) == (q.run, q.step) for j in reply.jobs):
+        return False
+    return q.connection == channel.token or q.connection not in reply.connections
 
 
 def committed(root: Path, handle: SnapshotHandle) -> bool:
@@ -69,8 +81,7 @@ class Reaper:
         except CheckpointError as e:
             return e
         running = {(j.run, j.step): (j.stage, j.bytes_written) for j in reply.jobs}
-        instance = channel.welcome.instance
-        self._slots.release_quarantined(lambda q: q.instance != instance or (q.run, q.step) not in running)
+        self._slots.release_quarantined(lambda q: no_longer_read(q, reply, channel))
         self.drop_committed()
         return self._stuck(channel, running)
 

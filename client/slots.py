@@ -38,6 +38,9 @@ class Quarantine:
     step: int
     instance: str  # the daemon instance that may still read the slot
     copied: Callable[[], bool]  # False while a copy (device to host) may still be writing it
+    # The connection its request went on (Channel.token): until the daemon has read that one to
+    # its end, the request may still be in the socket, not yet a job it lists.
+    connection: str = ""
 
 
 class SlotPool:
@@ -47,6 +50,7 @@ class SlotPool:
         self._count = count
         self._release_remote = release_remote  # tells the daemon an arena is gone
         self._kept: dict[int, str] = {}  # arena id -> the lost snapshot it holds ("step N of run R")
+        self._dropped: list[Arena] = []  # replaced under the lock; the daemon is told after it
 
     def acquire(
         self, nbytes: int, policy: Policy, reap: Callable[[], CheckpointError | None]
@@ -56,6 +60,16 @@ class SlotPool:
         ``reap`` is called (without the lock) while quarantined or kept slots might be freed; it
         returns why none can come free (the daemon is gone or stuck), which ``block`` raises once
         no slot is in flight any more. A pool whose every slot is kept raises for any policy."""
+        try:
+            return self._acquire(nbytes, policy, reap)
+        finally:
+            with self.cond:
+                dropped, self._dropped = self._dropped, []
+            self._tell_dropped(dropped)  # a send: never while holding the lock
+
+    def _acquire(
+        self, nbytes: int, policy: Policy, reap: Callable[[], CheckpointError | None]
+    ) -> Arena | None:
         reaped = False
         hopeless: CheckpointError | None = None
         while True:
@@ -123,6 +137,14 @@ class SlotPool:
                 arena.quarantine = q
                 self.cond.notify_all()
 
+    def lose(self, arena: Arena, q: Quarantine, what: str) -> None:
+        """``quarantine`` and ``keep`` at once: no reap in between may free the slot."""
+        with self.cond:
+            if arena.busy:
+                arena.quarantine = q
+                self._kept[arena.id] = what
+                self.cond.notify_all()
+
     def keep(self, arena: Arena, what: str) -> None:
         """Keep a busy slot for the lost snapshot it holds until ``claim`` or ``discard``."""
         with self.cond:
@@ -174,10 +196,16 @@ class SlotPool:
 
     def _drop(self, arena: Arena) -> None:
         self.arenas.remove(arena)
-        self._release_remote(arena)
-        arena.close()
+        self._dropped.append(arena)
+
+    def _tell_dropped(self, arenas: list[Arena]) -> None:
+        for arena in arenas:
+            self._release_remote(arena)
+            arena.close()
 
     def close(self) -> None:
         with self.cond:
             for arena in list(self.arenas):
                 self._drop(arena)
+            dropped, self._dropped = self._dropped, []
+        self._tell_dropped(dropped)

@@ -74,9 +74,11 @@ def connect_daemon(
     daemon_args: tuple[str, ...],
     max_shard_size: int | str | None,
     timeout_s: float,
+    hello_timeout_s: float | None = None,
 ) -> Channel:
     """A channel to the daemon on ``socket_path``, starting one if allowed, checked against what
-    the client expects (its root, enough arenas)."""
+    the client expects (its root, enough arenas). ``hello_timeout_s`` bounds the wait for a
+    daemon that is already listening (``timeout_s`` by default; starting one may take longer)."""
     deadline = time.monotonic() + timeout_s
     try:  # before connecting or starting anything: a socket or log another user could plant
         sockdir.check_socket_dir(socket_path.parent)
@@ -85,7 +87,7 @@ def connect_daemon(
     except sockdir.UnsafeSocketDir as e:
         raise CheckpointError(str(e), code="unsafe_socket_dir") from e
     try:
-        channel = Channel.open(socket_path, timeout_s)
+        channel = Channel.open(socket_path, min(timeout_s, hello_timeout_s or timeout_s))
     except (FileNotFoundError, ConnectionRefusedError) as e:
         if not autostart:
             raise CheckpointError(

@@ -14,6 +14,9 @@ FAULT is one of
   daemon 2N (instead of millions), so the limits can be reached with small frames;
 - ``connections:N:SECONDS``: no storage fault; the daemon serves at most N clients and closes
   a connection that has not said hello within SECONDS.
+- ``slow-snapshot:SECONDS:STEP``: no storage fault; a ``Snapshot`` frame of STEP takes SECONDS
+  more to decode on the layout thread (every frame over 300 bytes goes there), as a frame queued
+  behind a huge layout does: its connection is not read meanwhile, while others are served.
 
 OP is a ``Storage`` method (``mkdir``, ``create``, ``pwrite``, ``fsync``, ``close``, ``fsync_dir``,
 ``rename``, ``remove_tree``) or ``any``, optionally followed by ``@GLOB`` to count only calls on a
@@ -172,4 +175,19 @@ if __name__ == "__main__":
         _, limit, hello_s = sys.argv[1].split(":")
         connection.MAX_CONNECTIONS = int(limit)
         connection.HELLO_TIMEOUT_S = float(hello_s)
+    if sys.argv[1].startswith("slow-snapshot:"):
+        from ckptd.daemon import connection
+        from ckptd.protocol import Snapshot
+
+        _, seconds, slow_step = sys.argv[1].split(":")
+        decode = connection._decode_large
+
+        def slow_decode(body: bytes) -> tuple[object, object]:
+            out = decode(body)
+            if isinstance(out[0], Snapshot) and out[0].step == int(slow_step):
+                time.sleep(float(seconds))
+            return out
+
+        connection.HEAVY_FRAME_BYTES = 300
+        connection._decode_large = slow_decode  # type: ignore[assignment]
     raise SystemExit(main(["serve", *sys.argv[2:]], storage=FaultyStorage(sys.argv[1])))

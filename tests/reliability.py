@@ -259,6 +259,17 @@ SCENARIOS = [
         r"test_liveness\.py::test_(a_snapshot_lost|when_every_slot|skip_and_error)",
     ),
     Scenario(
+        "Stopped daemon: sends bounded, lost slots not reused while still readable",
+        "With the daemon SIGSTOPped, a `snapshot()` whose 30,000-tensor layout does not fit in the "
+        "socket buffer fails `daemon_unresponsive` within `liveness_timeout_s` + 5 s (no send "
+        "blocks the trainer or the watchdog) and the next one commits once resumed. A step handed "
+        "over while stopped, its connection given up, is read by the resumed daemon slowly "
+        "(`faulty_daemon.py slow-snapshot`) while the new connection is answered at once: "
+        "`discard_lost()` plus a new step in the only slot wait until the old connection is read "
+        "to its end, so step 1 commits its own bytes (not step 2's, under verifying checksums).",
+        r"test_liveness\.py::test_(a_send_into|a_lost_slot_is_not)",
+    ),
+    Scenario(
         "Tensor larger than its storage",
         "A trainer subprocess snapshots a parameter whose storage FSDP-style `resize_(0)` freed, "
         "a 4 MiB view on 4 KiB of storage, a strided and an offset view past a shrunk storage, "

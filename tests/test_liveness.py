@@ -342,3 +342,55 @@ def test_skip_and_error_do_not_block_behind_another_threads_blocked_snapshot(
     assert err is None and skipped is not None and skipped.skipped and took < 1.0
     a.join(60)
     assert first.wait(60) is not None and blocked and blocked[0].wait(60) is not None
+
+
+# --- review: sends bounded, a lost slot never reused while its request may still be read -----
+
+
+def test_a_send_into_a_stopped_daemon_is_bounded(daemon: DaemonProc, connect: Callable[..., Client]) -> None:
+    """A layout of 30,000 tensors (megabytes) does not fit in the socket's buffer: with the daemon
+    stopped, the send finds no room. It gives up after ``liveness_timeout_s`` without progress;
+    it neither blocks the training thread forever nor the watchdog that would end it."""
+    c = connect(daemon, **FAST)
+    c.snapshot(_state(), step=1).wait(30)
+    big = {f"t{i}": torch.zeros(2) for i in range(30_000)}
+    with stopped(daemon):
+        _, err, took = bounded(lambda: c.snapshot(big, step=2), 20)
+    assert isinstance(err, CheckpointError), err
+    assert err.code == "daemon_unresponsive", str(err)
+    assert f"pid {daemon.proc.pid}" in str(err) and "read nothing" in str(err), str(err)
+    assert took < FAST["liveness_timeout_s"] + 5
+    # The daemon is back: the next snapshot reconnects (the stream of the old one was cut mid-frame).
+    info = c.snapshot(big, step=3).wait(60)
+    assert torch.equal(ckptd.load(info.path)["model"]["t29999"], big["t29999"])
+
+
+def test_a_lost_slot_is_not_reused_while_the_daemon_may_still_read_its_request(
+    start_daemon: Callable[..., DaemonProc], connect: Callable[..., Client]
+) -> None:
+    """Step 1 is handed over while the daemon is stopped; the client gives the connection up as
+    unresponsive. Resumed, the daemon still reads step 1's request from that connection, slowly
+    (``slow-snapshot``: as behind a huge layout), while it answers the client's new connection at
+    once. Dropping the lost step and taking step 2 in the only slot must wait until the daemon has
+    read the old connection to its end: otherwise step 1 is committed with step 2's bytes, under
+    checksums that verify."""
+    d = start_daemon(faults="slow-snapshot:4:1")
+    c = connect(d, slots=1, **FAST)
+    note = "x" * 2000  # the Snapshot frame goes to the (slow) layout thread
+    state = {"model": {"w": torch.full((4096,), 0.0)}, "note": note}
+    c.snapshot(state, step=0).wait(30)  # arena and layout registered: step 1 sends one small frame
+    state["model"]["w"].fill_(1.0)
+    with stopped(d):
+        first = c.snapshot(state, step=1)
+        _, err, _ = bounded(lambda: first.wait(15), 20)
+        assert isinstance(err, CheckpointError) and err.code == "daemon_unresponsive", err
+    c.discard_lost()
+    state["model"]["w"].fill_(2.0)
+    second, err, _ = bounded(lambda: c.snapshot(state, step=2).wait(60), 70)
+    assert err is None, err
+    assert second is not None
+    assert torch.equal(ckptd.load(second.path)["model"]["w"], torch.full((4096,), 2.0))
+    step1 = d.root / "default" / "step-000001"
+    wait_until((step1 / "ckptd.json").exists, timeout_s=30)
+    assert ckptd.verify(step1) == []
+    assert torch.equal(ckptd.load(step1)["model"]["w"], torch.full((4096,), 1.0))

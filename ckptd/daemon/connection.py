@@ -70,7 +70,8 @@ HELLO_TIMEOUT_S = 5.0
 MAX_ARENAS = 64
 #: Clients one daemon serves at once.
 MAX_CONNECTIONS = 1024
-#: Replies queued for a client that does not read them before it is disconnected.
+#: Replies queued for a client that does not read them before it gets no more (its requests are
+#: still read and carried out).
 MAX_QUEUED_REPLY_BYTES = 16 * 2**20
 
 
@@ -99,6 +100,7 @@ class Connection:
         self._out: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._queued = 0
         self._hello = False
+        self.token = ""  # the client's name for this connection (Hello.token)
         self.closed = False
         self.writer = asyncio.create_task(self._write_loop(), name=f"ckptd-conn-{peer_pid}-writer")
         self._hello_timer = self._loop.call_later(HELLO_TIMEOUT_S, self._hello_expired)
@@ -118,8 +120,9 @@ class Connection:
         data = encode(message)
         self._queued += len(data)
         if self._queued > MAX_QUEUED_REPLY_BYTES:
-            log.warning("client pid %s does not read its replies; disconnecting", self.peer_pid)
-            self.close()
+            # Not a close: what it sent is still read to the end (and its snapshots committed).
+            log.warning("client pid %s does not read its replies; no more replies to it", self.peer_pid)
+            self._replying = False
             return
         self._out.put_nowait(data)
 
@@ -276,6 +279,7 @@ class Connection:
             )
             return
         self._hello = True
+        self.token = msg.token
         self._hello_timer.cancel()
         self.send(self.daemon.welcome())
 

@@ -293,6 +293,7 @@ class Daemon:
             failed=sum(self.metrics.failed.values()),
             bytes_written=self.metrics.bytes_written,
             jobs=self.pipeline.status(),
+            connections=[c.token for c in self._connections if c.token],
         )
 
     # --- shutdown --------------------------------------------------------------------------------
