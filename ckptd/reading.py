@@ -101,7 +101,15 @@ def resolve(path: str | os.PathLike[str], run: str = "default") -> Path:
     if os.path.lexists(p / MANIFEST_NAME):  # whatever it is: read_manifest says what is wrong
         return p
     if (p / paths.LATEST).exists() or paths.committed_steps(p):
-        found = latest(p.parent, p.name)
+        run_dir = Path(os.path.abspath(p))  # "." and "run/.." have a name here
+        try:
+            found = latest(run_dir.parent, run_dir.name)
+        except paths.InvalidName:
+            raise FileNotFoundError(
+                f"no committed ckptd checkpoint at {p}: {run_dir.name!r} is not a run name ckptd "
+                "writes (1-128 letters, digits, '_', '-' or '.', starting with a letter or digit, "
+                f"without '..'); rename the directory, or give a step directory ({p}/step-NNNNNN)"
+            ) from None
     else:
         found = latest(p, run)
     if found is None:
@@ -190,9 +198,16 @@ def read_shard(path: Path, record: FileRecord | None) -> dict[str, Any]:
         except ShardFormatError as e:
             raise CorruptCheckpoint(str(e)) from e
         h.update(prefix)
+        _check_fits_memory(path, size - header.data_start)
         out = {}
         for entry in sorted(header.entries, key=lambda e: e.start):  # file order, for the hash
-            t = torch.empty(entry.shape, dtype=FROM_SAFETENSORS[entry.dtype])
+            try:
+                t = torch.empty(entry.shape, dtype=FROM_SAFETENSORS[entry.dtype])
+            except (RuntimeError, MemoryError) as e:  # torch's allocator says RuntimeError
+                raise CorruptCheckpoint(
+                    f"{path}: tensor {entry.name!r} needs {entry.end - entry.start} bytes, which cannot "
+                    f"be allocated ({e}); the shard is damaged, or this machine has too little memory"
+                ) from e
             raw = memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
             _read_into(fd, raw, header.data_start + entry.start, h, path)
             out[entry.name] = t
@@ -206,6 +221,34 @@ def read_shard(path: Path, record: FileRecord | None) -> dict[str, Any]:
             f"{record.bytes}); the file is corrupted"
         )
     return out
+
+
+def _check_fits_memory(path: Path, nbytes: int) -> None:
+    """Refuse, before allocating, a shard whose tensors need more than this machine's memory and
+    swap (a sparse file with a valid header costs nothing on disk; allocating it gets the reader
+    killed, or fails only after reading gigabytes of zeros)."""
+    limit = _memory_bytes()
+    if limit is not None and nbytes > limit:
+        raise CorruptCheckpoint(
+            f"{path}: shard holds {nbytes} bytes of tensors, more than this machine's memory and swap "
+            f"({limit} bytes); the shard is damaged, or it cannot be loaded on this machine"
+        )
+
+
+def _memory_bytes() -> int | None:
+    """Physical memory plus swap in bytes (``/proc/meminfo``), or None where it cannot be told."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            lines = f.read(65536).decode("ascii", "replace").splitlines()
+    except OSError:
+        return None
+    kib = {}
+    for line in lines:
+        key, _, rest = line.partition(":")
+        fields = rest.split()
+        if key in ("MemTotal", "SwapTotal") and fields and fields[0].isdigit():
+            kib[key] = int(fields[0])
+    return (kib["MemTotal"] + kib.get("SwapTotal", 0)) * 1024 if "MemTotal" in kib else None
 
 
 def _read_into(fd: int, view: memoryview, offset: int, h: Any, path: Path) -> None:

@@ -82,9 +82,14 @@ def decode_header(prefix: bytes, file_size: int, what: str) -> ParsedHeader:
         raise ShardFormatError(f"{what}: header is not valid JSON ({reason})") from e
     if not isinstance(raw, dict):
         raise ShardFormatError(f"{what}: header is not a JSON object")
-    metadata = raw.pop("__metadata__", None) or {}
+    metadata = raw.pop("__metadata__", None)  # absent or null (as safetensors reads it): none
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise ShardFormatError(f"{what}: __metadata__ must map strings to strings")
+        raise ShardFormatError(
+            f"{what}: __metadata__ is {type(metadata).__name__} {_short(metadata)}; it must be a JSON "
+            "object mapping strings to strings"
+        )
     data_start = _U64.size + n
     entries = [_entry(name, info, file_size - data_start, what) for name, info in raw.items()]
     pos = 0
@@ -128,6 +133,11 @@ def _entry(name: str, info: object, data_bytes: int, what: str) -> HeaderEntry:
     if end - start != nbytes:
         raise ShardFormatError(f"{what}: {name!r} spans {end - start} bytes, shape needs {nbytes}")
     return HeaderEntry(name, dtype, tuple(shape), start, end)
+
+
+def _short(x: object) -> str:
+    text = json.dumps(x)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _is_int(x: object) -> bool:

@@ -72,6 +72,8 @@ class FaultyStorage(Storage):
             self.op, self.glob, self.n = op, glob or None, int(parts[1])
             self.step = int(parts[2]) if len(parts) == 3 else None
         self._armed = self.step is None
+        #: Until when a ``stat`` of the root fails with EIO (``eio-glitch``).
+        self.glitch_until = 0.0
 
     # --- the counted faults ----------------------------------------------------------------------
 
@@ -129,8 +131,10 @@ class FaultyStorage(Storage):
             sys.stderr.write(f"faulty_daemon: pwrite on {self._names[fd]} hangs\n")
             sys.stderr.flush()
             threading.Event().wait(600)
-        elif self.kind in ("eio-write", "enospc-write") and self._hit(fd):
-            code = errno.EIO if self.kind == "eio-write" else errno.ENOSPC
+        elif self.kind in ("eio-write", "enospc-write", "eio-glitch") and self._hit(fd):
+            code = errno.ENOSPC if self.kind == "enospc-write" else errno.EIO
+            if self.kind == "eio-glitch":
+                self.glitch_until = time.monotonic() + 2.0
             raise OSError(code, os.strerror(code), str(self._names[fd]))
         return self._counted(
             "pwrite", self._name(fd), lambda: super(FaultyStorage, self).pwrite(fd, data, offset)
@@ -155,6 +159,24 @@ class FaultyStorage(Storage):
 
     def remove_tree(self, path: Path) -> None:
         self._counted("remove_tree", (path.name,), lambda: super(FaultyStorage, self).remove_tree(path))
+
+
+class _GlitchyOs:
+    """``os`` as the root guard sees it under ``eio-glitch``: ``stat`` of a path fails with EIO
+    while the storage's glitch lasts; everything else is the real ``os``."""
+
+    def __init__(self, storage: FaultyStorage) -> None:
+        self._storage = storage
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(os, name)
+
+    def stat(self, path: object, *args: object, **kwargs: object) -> os.stat_result:
+        if time.monotonic() < self._storage.glitch_until:
+            sys.stderr.write(f"faulty_daemon: EIO from stat {path}\n")
+            sys.stderr.flush()
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return os.stat(path, *args, **kwargs)  # type: ignore[arg-type]
 
 
 def _die(what: str) -> None:
@@ -190,4 +212,9 @@ if __name__ == "__main__":
 
         connection.HEAVY_FRAME_BYTES = 300
         connection._decode_large = slow_decode  # type: ignore[assignment]
-    raise SystemExit(main(["serve", *sys.argv[2:]], storage=FaultyStorage(sys.argv[1])))
+    storage = FaultyStorage(sys.argv[1])
+    if storage.kind == "eio-glitch":
+        from ckptd.daemon import rootguard
+
+        rootguard.os = _GlitchyOs(storage)  # type: ignore[assignment]
+    raise SystemExit(main(["serve", *sys.argv[2:]], storage=storage))

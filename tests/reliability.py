@@ -316,6 +316,28 @@ SCENARIOS = [
         "layout commits bit-exact.",
         r"test_handoff_faults\.py::test_a_huge_layout",
     ),
+    Scenario(
+        "A huge sparse shard with a valid header",
+        "Step 2's last shard is replaced by a sparse file whose header is valid (one F32 tensor of "
+        "8 TiB, or of 1 GiB in a reader limited by RLIMIT_AS to 256 MiB more) and the manifest "
+        "resealed for its size: `load` raises `CorruptCheckpoint` naming the shard and the size "
+        "(never a raw RuntimeError or an OOM kill), `restore` falls back to step 1 bit-exact.",
+        r"test_hostile_files\.py::test_huge_sparse_shard",
+    ),
+    Scenario(
+        "A run directory under a name ckptd never gives a run",
+        "A run directory copied to `weird name`, `-dash`, `a..b`: `ckptd.load` of it raises "
+        "FileNotFoundError saying no checkpoint is there and how to load one (not InvalidName); its "
+        "step directories load bit-exact; `ckptd.load('.')` in a run directory loads its newest step.",
+        r"test_hostile_files\.py::test_load_of_(a_run_directory_whose|the_current_run)",
+    ),
+    Scenario(
+        "EIO from a write while the root's mount glitches",
+        "`faulty_daemon.py eio-glitch:2`: pwrite of step 2 fails with EIO and every stat of the root "
+        "fails with EIO for 2 s: step 2 fails `io_error` EIO (not `root_gone`), the daemon keeps "
+        "running through its idle root checks, step 3 commits.",
+        r"test_socket_dir\.py::test_eio_while_the_root_glitches",
+    ),
 ]
 
 

@@ -61,6 +61,12 @@ def _child_op(op: str, arg: str) -> dict[str, Any]:
     from client.restore import restore_run
 
     try:
+        if op == "limit-memory":  # the rest of this child may map only ARG more bytes
+            import resource
+
+            vm = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            resource.setrlimit(resource.RLIMIT_AS, (vm + int(arg), resource.RLIM_INFINITY))
+            return {}
         if op == "verify":
             return {"problems": ckptd.verify(arg)}
         if op == "load":
@@ -228,6 +234,10 @@ def _edit_header(header: dict[str, Any], how: str) -> dict[str, Any]:
         header[names[0]]["shape"] = [float(d) + 0.5 for d in header[names[0]]["shape"]]
     elif how == "deep-json":
         header["__metadata__"] = {"format": "pt", "x": [[]]}  # replaced below by deep nesting
+    elif how == "metadata-zero":
+        header["__metadata__"] = 0
+    elif how == "metadata-list":
+        header["__metadata__"] = []
     elif how == "offsets-past-the-file":
         info = header[names[-1]]
         start, end = info["data_offsets"]
@@ -248,7 +258,15 @@ def damage_header(shard: Path, how: str) -> None:
     shard.write_bytes(_U64.pack(len(body)) + body + data)
 
 
-HEADERS = ["negative-dim", "zero-dim-next-to-huge", "float-dim", "deep-json", "offsets-past-the-file"]
+HEADERS = [
+    "negative-dim",
+    "zero-dim-next-to-huge",
+    "float-dim",
+    "deep-json",
+    "offsets-past-the-file",
+    "metadata-zero",
+    "metadata-list",
+]
 
 
 @pytest.mark.parametrize("how", HEADERS)
@@ -266,6 +284,68 @@ def test_damaged_shard_header_is_corrupt_and_restore_falls_back(two_steps: Commi
     assert_refused(r[f"load:{step_dir}"], shard.name)
     assert_refused(r[f"load:{run_dir}"], shard.name)  # the run's newest manifest is intact
     assert_fell_back_to_step_1(r[f"restore:{run_dir}"], step_dir)
+
+
+def sparse_shard(shard: Path, nbytes: int) -> None:
+    """Replace ``shard`` by a sparse file with a valid header: one F32 tensor of ``nbytes``."""
+    body = json.dumps(
+        {
+            "__metadata__": {"format": "pt"},
+            "w": {"dtype": "F32", "shape": [nbytes // 4], "data_offsets": [0, nbytes]},
+        }
+    ).encode()
+    with open(shard, "wb") as f:
+        f.write(_U64.pack(len(body)) + body)
+        f.truncate(8 + len(body) + nbytes)
+
+
+@pytest.mark.parametrize("case", ["larger-than-memory", "allocation-fails"])
+def test_huge_sparse_shard_is_corrupt_and_restore_falls_back(two_steps: Committed, case: str) -> None:
+    """A shard whose valid header asks for more memory than can be had: ``CorruptCheckpoint``
+    naming the shard and the size (never a raw RuntimeError or an OOM kill); restore falls back."""
+    step_dir, run_dir = two_steps.newest, two_steps.run_dir
+    shard = step_dir / read_manifest(step_dir).components[0].shards[-1].file
+    # Larger than any machine's memory; or 1 GiB in a child that may map only 256 MiB more.
+    nbytes = 2**43 if case == "larger-than-memory" else 2**30
+    sparse_shard(shard, nbytes)
+    size = shard.stat().st_size
+    # The manifest is resealed for the new size (its checksum is never reached: nothing is read).
+    fake = FileRecord.model_construct(file=shard.name, bytes=size, xxh3_128="0" * 32)
+    reseal(step_dir, lambda m: with_shard(m, len(m.components[0].shards) - 1, fake))
+
+    ops = ["limit-memory:" + str(256 * 2**20)] if case == "allocation-fails" else []
+    r = read_in_child(*ops, f"load:{step_dir}", f"restore:{run_dir}")
+    assert_refused(r[f"load:{step_dir}"], shard.name, str(nbytes))
+    assert_fell_back_to_step_1(r[f"restore:{run_dir}"], step_dir)
+
+
+@pytest.mark.parametrize("name", ["weird name", "-dash", "a..b"])
+def test_load_of_a_run_directory_whose_name_is_no_run_name_says_no_checkpoint(
+    two_steps: Committed, outside: Path, name: str
+) -> None:
+    """A copy of a run directory under a name ckptd never gives a run: ``load`` says there is no
+    checkpoint there and how to load one (never ``InvalidName``); its step directories load."""
+    copy = outside / name
+    shutil.copytree(two_steps.run_dir, copy)
+    r = read_in_child(f"load:{copy}", f"load:{copy / 'step-000002'}")
+    result = r[f"load:{copy}"]
+    assert result["error"] == "FileNotFoundError", result
+    assert f"no committed ckptd checkpoint at {copy}" in result["message"], result
+    assert repr(name) in result["message"] and "step directory" in result["message"], result
+    assert r[f"load:{copy / 'step-000002'}"] == {"step": 2, "model": expected_model(2)}
+
+
+def test_load_of_the_current_run_directory(two_steps: Committed) -> None:
+    """``ckptd.load(".")`` in a run directory loads its newest step (``"."`` has no name)."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import ckptd; print(ckptd.load('.')['step'])"],
+        cwd=two_steps.run_dir,
+        capture_output=True,
+        text=True,
+        timeout=READER_TIMEOUT_S,
+        check=False,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "2", done
 
 
 # --- item 7: file names that leave the step directory -------------------------------------------

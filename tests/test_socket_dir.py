@@ -8,6 +8,7 @@ read the interpreter and the repository wherever they are installed; it writes a
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -487,6 +488,27 @@ def test_idle_daemon_stops_once_its_root_is_gone(start_daemon: Callable[..., Dae
     assert time.monotonic() - t0 < 10
     assert not d1.socket.exists()  # a client's autostart gets a fresh daemon
     assert "was deleted" in d1.log_text()
+
+
+def test_eio_while_the_root_glitches_fails_that_snapshot_and_the_daemon_serves_on(
+    start_daemon: Callable[..., DaemonProc], connect: Callable[..., Client]
+) -> None:
+    """EIO from a write, and from every stat of the root for 2 s after it (a flaky mount), is an
+    I/O error of that snapshot: the root is still there, so the daemon neither stops nor refuses."""
+    d = start_daemon(faults="eio-glitch:2")
+    c = connect(d, run="r")
+    c.snapshot(tree(), step=1).wait(60)
+    with pytest.raises(CheckpointError) as e:
+        c.snapshot(tree(), step=2).wait(60)
+    assert e.value.code == "io_error" and e.value.errno == errno.EIO, e.value
+    assert "EIO" in str(e.value) and "older checkpoints are intact" in str(e.value), e.value
+    time.sleep(3)  # the idle root check runs through the glitch too
+    assert d.proc.poll() is None, d.log_text()
+    assert "EIO from stat" in d.log_text()  # the fault did reach the root check
+    info = c.snapshot(tree(), step=3).wait(60)
+    assert info is not None and info.path == d.root / "r" / "step-000003"
+    assert ckptd.latest(d.root, "r") == d.root / "r" / "step-000003"
+    assert "root_gone" not in d.log_text() and "cannot be reached" not in d.log_text()
 
 
 # --- item 16 (part): run="" -------------------------------------------------------------------------

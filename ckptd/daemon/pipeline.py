@@ -197,7 +197,7 @@ class Pipeline:
     def submit(self, job: Job) -> None:
         key = (job.request.run, job.request.step)
         if self.root is not None and self.root.gone is not None:  # refused at once, nothing held
-            failure = _failure(job.request.id, *key, self._root_gone(RootGone()))
+            failure = _failure(job.request.id, *key, self.root.gone_error())
             self.metrics.fail(failure.code)
             job.finished = True
             job.reply(failure)
@@ -270,7 +270,7 @@ class Pipeline:
                 time.monotonic() - job.started,
             )
         except Exception as e:  # every failure is reported to the client, never swallowed
-            e = self._root_gone(e)
+            e = await self._root_verdict(e)
             job.mark("failed")
             log.error("[run=%s step=%s] failed: %s", req.run, req.step, e)
             failure = _failure(req.id, req.run, req.step, e)
@@ -331,18 +331,20 @@ class Pipeline:
         self._check_root()  # a root made again by another daemon is not ours to publish into
         return commit.commit(self.storage, staged)
 
-    def _root_gone(self, e: Exception) -> Exception:
-        """A failure seen after the root went (ENOENT mid-write, say) is reported as that."""
+    async def _root_verdict(self, e: Exception) -> Exception:
+        """A failure seen after the root went (ENOENT mid-write, say) is reported as that; any
+        other failure (EIO from a flaky mount) as itself. The root is looked at in an executor
+        thread: a hung mount must not stall the event loop."""
         if self.root is None:
             return e
-        try:
-            if isinstance(e, RootGone) or self.root.gone is not None or isinstance(e, OSError):
-                self.root.check()
-        except RootGone as gone:
-            if self.on_root_gone is not None:
-                self.on_root_gone(gone)
-            return gone
-        return e
+        if isinstance(e, OSError) and self.root.gone is None:
+            await asyncio.get_running_loop().run_in_executor(None, _look_at_root, self.root)
+        if self.root.gone is None:
+            return e
+        gone = self.root.gone_error()
+        if self.on_root_gone is not None:
+            self.on_root_gone(gone)
+        return gone
 
     async def _write_shards(self, job: Job, staged: commit.StagedCheckpoint) -> list[ComponentRecord]:
         loop = asyncio.get_running_loop()
@@ -418,6 +420,16 @@ class Pipeline:
         )
         commit.seal(st, staged, manifest)
         return manifest
+
+
+def _look_at_root(root: RootGuard) -> None:
+    """Look whether the root is gone (``root.gone`` says); one that cannot be examined is not."""
+    try:
+        root.check()
+    except RootGone:
+        pass
+    except OSError as e:
+        log.warning("cannot examine the checkpoint root %s (%s); not taken as gone", root.root, e)
 
 
 def _lower_priority(nice: int) -> None:

@@ -191,6 +191,8 @@ class Daemon:
                 await loop.run_in_executor(None, root.check)
             except RootGone as e:
                 self.on_root_gone(e)
+            except OSError as e:  # EIO, ESTALE: no verdict (a flaky mount); the next check looks again
+                log.warning("cannot examine the checkpoint root %s (%s); checking again", root.root, e)
 
     def on_root_gone(self, gone: RootGone) -> None:
         """Refuse snapshots from now on, drain, and exit with the reason (so the path can be served
