@@ -40,6 +40,7 @@ FILES = [
     "tests/test_liveness.py",
     "tests/test_bad_tensors.py",
     "tests/test_handoff_faults.py",
+    "tests/test_layout_limits.py",
 ]
 
 
@@ -304,6 +305,15 @@ SCENARIOS = [
         "a third of the registration time (unfixed: the whole of it); then a snapshot of the huge "
         "layout commits bit-exact.",
         r"test_handoff_faults\.py::test_a_huge_layout",
+    ),
+    Scenario(
+        "Hostile layouts: empty shards, endless parts, many unfinished ones, huge frames",
+        "Raw clients register 1000 empty shards (refused: a shard holds a tensor), parts past the "
+        "layout limit in tensors, aliases or empty shards (the first part past it fails the layout, "
+        "named in the Failed message), unfinished parts on two connections (a third layout gets "
+        "layout_limit until one closes), and a 2 MiB layout frame (bad_frame before decoding: send "
+        "it in parts); the planner makes no empty shard, held rows are untracked, nothing frozen.",
+        r"test_layout_limits\.py::",
     ),
 ]
 
