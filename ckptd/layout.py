@@ -126,9 +126,10 @@ def plan(components: Sequence[tuple[str, Sequence[TensorSpec]]], max_shard_size:
     offset = 0
     placed = []
     for name, specs in components:
+        if not specs:  # the daemon refuses a shard without tensors (and a component without shards)
+            raise ValueError(f"component {name!r} has no tensors; leave it out of the snapshot")
         shards = []
-        groups = split_shards(specs, max_shard_size) or [[]]
-        for group in groups:
+        for group in split_shards(specs, max_shard_size):
             shard = _place_shard(group, offset)
             shards.append(shard)
             offset += round_up(shard.nbytes)

@@ -40,6 +40,7 @@ FILES = [
     "tests/test_liveness.py",
     "tests/test_bad_tensors.py",
     "tests/test_handoff_faults.py",
+    "tests/test_layout_limits.py",
 ]
 
 
@@ -337,6 +338,15 @@ SCENARIOS = [
         "fails with EIO for 2 s: step 2 fails `io_error` EIO (not `root_gone`), the daemon keeps "
         "running through its idle root checks, step 3 commits.",
         r"test_socket_dir\.py::test_eio_while_the_root_glitches",
+    ),
+    Scenario(
+        "Hostile layouts: empty shards, endless parts, many unfinished ones, huge frames",
+        "Raw clients register 1000 empty shards (refused: a shard holds a tensor), parts past the "
+        "layout limit in tensors, aliases or empty shards (the first part past it fails the layout, "
+        "named in the Failed message), unfinished parts on two connections (a third layout gets "
+        "layout_limit until one closes), and a 2 MiB layout frame (bad_frame before decoding: send "
+        "it in parts); the planner makes no empty shard, held rows are untracked, nothing frozen.",
+        r"test_layout_limits\.py::",
     ),
 ]
 

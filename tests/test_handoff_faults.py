@@ -33,8 +33,9 @@ from helpers import same_bits
 import ckptd
 from ckptd import paths, protocol
 from ckptd.daemon import layouts
-from ckptd.daemon.connection import HEAVY_FRAME_BYTES
+from ckptd.daemon.connection import HEAVY_FRAME_BYTES, MAX_LAYOUT_FRAME_BYTES
 from ckptd.daemon.layouts import LayoutParts
+from ckptd.daemon.rows import component_rows, shard_rows
 from ckptd.protocol import (
     PROTOCOL_VERSION,
     Committed,
@@ -290,7 +291,7 @@ def test_a_huge_layout_does_not_stall_other_clients(
 def test_layout_parts_join_to_the_layout(monkeypatch: pytest.MonkeyPatch, part_tensors: int) -> None:
     monkeypatch.setattr(protocol, "LAYOUT_PART_BYTES", 0)
     monkeypatch.setattr(protocol, "LAYOUT_PART_TENSORS", part_tensors)
-    for case in ([[1]], [[0]], [[3, 0, 2], [5]], [[2, 2], [2]], [[7]], [[0, 0], [1, 0, 4]]):
+    for case in ([[1]], [[3, 1, 2], [5]], [[2, 2], [2]], [[7]], [[1, 1], [1, 3, 4]]):  # no empty shard
         components = _components(case)
         data = protocol.encode_register_layout(9, json.dumps(components).encode())
         parts = [protocol.decode_client(b) for b in FrameReader().feed(data)]
@@ -301,8 +302,8 @@ def test_layout_parts_join_to_the_layout(monkeypatch: pytest.MonkeyPatch, part_t
             assert sum(len(s.tensors) for c in p.components for s in c.shards) <= part_tensors  # type: ignore[union-attr]
             joined.add(p)  # type: ignore[arg-type]
         assert joined.error is None
-        want = [ComponentEntry.model_validate(c) for c in components]
-        assert [c.model_dump() for c in joined.components()] == [c.model_dump() for c in want], case
+        want = component_rows([ComponentEntry.model_validate(c) for c in components])
+        assert joined.components() == want, case
 
 
 def _components(shards_per_component: list[list[int]]) -> list[dict[str, object]]:
@@ -324,7 +325,7 @@ def _components(shards_per_component: list[list[int]]) -> list[dict[str, object]
 def test_sliced_shard_headers_are_the_bytes_of_encode_header() -> None:
     for n in (0, 1, layouts.HEADER_SLICE_TENSORS, layouts.HEADER_SLICE_TENSORS + 1, 10_000):
         ts = [TensorEntry(name=f"t{i}é", dtype="BF16", shape=[2, i % 3], start=0, end=0) for i in range(n)]
-        header = layouts._header(ShardEntry(offset=0, nbytes=0, tensors=ts))
+        header = layouts._header(shard_rows(0, 0, ts))
         assert header == encode_header(
             HeaderEntry(t.name, t.dtype, tuple(t.shape), t.start, t.end) for t in ts
         )
@@ -354,10 +355,10 @@ def test_parts_that_do_not_join_fail_the_layout_with_the_reason(daemon: DaemonPr
 
 
 def test_a_large_single_frame_layout_is_decoded_off_the_loop_in_order(daemon: DaemonProc) -> None:
-    """One 20,000-tensor ``RegisterLayout`` frame (over the 256 KiB that are decoded on the loop,
-    as an older client sends it) and, in the same write, the snapshot naming it: the snapshot
+    """One 8,000-tensor ``RegisterLayout`` frame (over the 256 KiB that are decoded on the loop,
+    under the 1 MiB limit of a layout frame) and, in the same write, the snapshot naming it: the snapshot
     waits for the layout and commits."""
-    n = 20_000
+    n = 8_000
     raw = _Raw(daemon.socket)
     try:
         data = torch.arange(n * 4, dtype=torch.float32)
@@ -365,7 +366,7 @@ def test_a_large_single_frame_layout_is_decoded_off_the_loop_in_order(daemon: Da
         body = json.dumps(
             {"kind": "register_layout", "layout": 3, "components": json.loads(_big_layout(n))}
         ).encode()
-        assert len(body) > HEAVY_FRAME_BYTES
+        assert HEAVY_FRAME_BYTES < len(body) < MAX_LAYOUT_FRAME_BYTES
         tree = {"$dict": {"model": {"$module": "model", "keys": [f"l.{i}.w" for i in range(n)]}}}
         raw.sock.sendall(
             struct.pack(">I", len(body))

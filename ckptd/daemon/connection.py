@@ -21,6 +21,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import socket
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -31,6 +32,7 @@ from ckptd.daemon import layouts as limits
 from ckptd.daemon.arenas import Arena, ArenaError
 from ckptd.daemon.layouts import LayoutParts, PreparedLayout, prepare
 from ckptd.daemon.pipeline import Job
+from ckptd.daemon.rows import ComponentRows, component_rows
 from ckptd.daemon.validate import InvalidRequest, check_snapshot
 from ckptd.protocol import (
     PROTOCOL_VERSION,
@@ -63,6 +65,12 @@ _MAX_FDS_PER_RECV = 8
 #: Frames larger than this are decoded and prepared off the event loop (about 2,500 tensors of
 #: a layout; a 700,000-tensor layout takes seconds of CPU).
 HEAVY_FRAME_BYTES = 256 * 2**10
+#: Frames larger than this must be snapshot requests (whose ``tree`` grows with the tensors),
+#: saying so first (``{"kind":"snapshot"``, as every ckptd encoder writes them); others, layouts
+#: above all, are refused before they are decoded: decoding holds the GIL (a 28.7 MiB layout
+#: frame held the loop 1.6 s), and ckptd's client sends a layout in parts of under 256 KiB.
+MAX_LAYOUT_FRAME_BYTES = 2**20
+_SNAPSHOT_FRAME = re.compile(rb'\A\s*\{\s*"kind"\s*:\s*"snapshot"')
 #: Seconds a new connection has to say hello before it is closed (idle connections must not
 #: hold the connection limit).
 HELLO_TIMEOUT_S = 5.0
@@ -179,6 +187,14 @@ class Connection:
             if len(body) > HEAVY_FRAME_BYTES:
                 if not self._hello:
                     self._refuse("bad_frame", f"first message must be hello, got {len(body)} bytes")
+                    return
+                if len(body) > MAX_LAYOUT_FRAME_BYTES and not _SNAPSHOT_FRAME.match(body):
+                    self._refuse(
+                        "bad_frame",
+                        f"a frame of {len(body)} bytes is over the {MAX_LAYOUT_FRAME_BYTES}-byte limit "
+                        "of anything but a snapshot request (which must begin with its kind); send "
+                        "a layout in parts of RegisterLayout frames, as ckptd's client does",
+                    )
                     return
                 self._offload(functools.partial(_decode_large, body))
                 return
@@ -301,50 +317,80 @@ class Connection:
     def _on_layout(self, msg: RegisterLayout, prepared: Prepared | None) -> None:
         parts = self._parts
         if parts is not None and parts.layout != msg.layout:
-            parts = None  # a new layout supersedes one left unfinished
+            parts = self._parts = None  # a new layout supersedes one left unfinished
         if not msg.more and parts is None:
             self._register_layout(msg.layout, _prepare(msg.components) if prepared is None else prepared)
             return
         if parts is None:
-            parts = LayoutParts(msg.layout)
+            parts = self._parts = LayoutParts(msg.layout)
         parts.add(msg)
-        limits.settle()  # the parts held so far: the layout grows to millions of objects
-        self._parts = parts if msg.more else None
+        self._bound_parts(parts)
         if msg.more:
             return
+        self._parts = None
         if parts.error is not None:
-            self._register_layout(msg.layout, InvalidRequest(parts.error))
+            error = LayoutLimit(parts.error) if parts.over_daemon_limit else InvalidRequest(parts.error)
+            self._register_layout(msg.layout, error)
             return
-        whole = RegisterLayout.model_construct(layout=msg.layout, components=parts.components())
-        self._offload(lambda: (whole, _prepare(whole.components)))
+        whole = RegisterLayout.model_construct(layout=msg.layout, components=[])
+        comps = parts.components()
+        self._offload(lambda: (whole, _prepare_rows(comps)))
 
-    def _register_layout(self, layout_id: int, prepared: Prepared) -> None:
-        self.layouts.pop(layout_id, None)
-        layout: PreparedLayout | str = (
-            prepared if isinstance(prepared, PreparedLayout) else f"layout {layout_id}: {prepared}"
-        )
-        size = layout.tensors if isinstance(layout, PreparedLayout) else 0
-        if size >= limits.SETTLE_TENSORS:
-            limits.settle()
+    def _bound_parts(self, parts: LayoutParts) -> None:
+        """Count the parts held so far against this connection's and the daemon's limits as they
+        arrive: this connection's oldest layouts make room (as a registration would), and the
+        part that takes the daemon past its limit fails the layout."""
+        if parts.error is not None:
+            return
+        self._evict(parts.tensors)
+        others = sum(c.held_tensors() for c in self.daemon.connections() if c is not self)
+        mine = self.held_tensors()
+        if others + mine > limits.MAX_DAEMON_LAYOUT_TENSORS:
+            parts.fail(
+                f"part {parts.parts} takes the layouts held by this daemon past its limit of "
+                f"{limits.MAX_DAEMON_LAYOUT_TENSORS} tensors ({others} held for other connections); "
+                "close idle clients, or snapshot fewer, larger tensors",
+                daemon_limit=True,
+            )
+
+    def held_tensors(self) -> int:
+        """Tensors and aliases of this connection's layouts, the one arriving in parts included."""
+        return _tensors(self.layouts.values()) + (0 if self._parts is None else self._parts.tensors)
+
+    def _evict(self, size: int) -> None:
+        """Forget the oldest layouts until one of ``size`` more tensors fits (a job keeps its own
+        reference to the layout it writes)."""
         while self.layouts and (
             len(self.layouts) >= limits.MAX_LAYOUTS
             or _tensors(self.layouts.values()) + size > limits.MAX_LAYOUT_TENSORS
         ):
-            del self.layouts[next(iter(self.layouts))]  # the oldest; a job keeps its own reference
-        others = sum(_tensors(c.layouts.values()) for c in self.daemon.connections() if c is not self)
-        mine = _tensors(self.layouts.values())
+            del self.layouts[next(iter(self.layouts))]
+
+    def _register_layout(self, layout_id: int, prepared: Prepared) -> None:
+        self.layouts.pop(layout_id, None)
+        layout: PreparedLayout | str
+        if isinstance(prepared, PreparedLayout):
+            layout = prepared
+        elif isinstance(prepared, LayoutLimit):  # the daemon-wide limit, passed by its parts
+            layout = _OverLimit(f"layout {layout_id}: {prepared}")
+        else:
+            layout = f"layout {layout_id}: {prepared}"
+        size = layout.tensors if isinstance(layout, PreparedLayout) else 0
+        self._evict(size)
+        others = sum(c.held_tensors() for c in self.daemon.connections() if c is not self)
+        mine = self.held_tensors()
         if size and others + mine + size > limits.MAX_DAEMON_LAYOUT_TENSORS:
             layout = _OverLimit(
-                f"layout {layout_id}: its {size} tensors would take the layouts held by this daemon "
-                f"past its limit of {limits.MAX_DAEMON_LAYOUT_TENSORS} tensors ({others} held for "
-                "other connections); close idle clients, or snapshot fewer, larger tensors"
+                f"layout {layout_id}: its {size} tensors and aliases would take the layouts held by "
+                f"this daemon past its limit of {limits.MAX_DAEMON_LAYOUT_TENSORS} tensors ({others} "
+                "held for other connections); close idle clients, or snapshot fewer, larger tensors"
             )
         self.layouts[layout_id] = layout
 
     def _layout_of(self, msg: Snapshot, prepared: Prepared | None) -> PreparedLayout:
         if msg.layout is None:
             if prepared is None:
-                return prepare(msg.components)
+                return prepare(component_rows(msg.components))
             if isinstance(prepared, ValueError):
                 raise prepared
             return prepared
@@ -423,6 +469,7 @@ class Connection:
         self.closed = True
         self._hello_timer.cancel()
         self._ready.clear()
+        self._parts = None
         self._loop.remove_reader(self._sock.fileno())
         for job in self.streaming.values():
             job.abandon("its client disconnected before it finished copying")
@@ -450,6 +497,10 @@ Prepared = PreparedLayout | ValueError
 
 
 def _prepare(components: list[ComponentEntry]) -> Prepared:
+    return _prepare_rows(component_rows(components))
+
+
+def _prepare_rows(components: list[ComponentRows]) -> Prepared:
     try:
         return prepare(components)
     except ValueError as e:  # InvalidRequest, or anything else the layout's values break
@@ -467,6 +518,12 @@ def _decode_large(body: bytes) -> _Work:
     if isinstance(msg, RegisterLayout) and not (msg.more or msg.continues_shard):
         return msg, _prepare(msg.components)
     if isinstance(msg, Snapshot) and msg.layout is None:
+        if len(body) > MAX_LAYOUT_FRAME_BYTES and msg.components:
+            raise ProtocolError(
+                f"a snapshot request of {len(body)} bytes carries its components inline (the limit "
+                f"for that is {MAX_LAYOUT_FRAME_BYTES} bytes); register the layout in parts "
+                "(RegisterLayout) and name it, as ckptd's client does"
+            )
         return msg, _prepare(msg.components)
     return msg, None
 

@@ -7,124 +7,134 @@ not repeated per snapshot on the daemon's event loop.
 
 from __future__ import annotations
 
-import gc
 import json
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ckptd.daemon.rows import ComponentRows, PreparedComponent, ShardRows, ShardSpan, shard_rows
 from ckptd.daemon.validate import InvalidRequest, check_components
 from ckptd.layout import ALIGN, round_up, shard_filename
-from ckptd.protocol import ComponentEntry, RegisterLayout, ShardEntry, TensorEntry
+from ckptd.protocol import RegisterLayout
 from ckptd.shardfile import METADATA, HeaderEntry, encode_header
 
-#: Layouts one connection keeps registered, and the tensors in them all together; registering
-#: more forgets the oldest (a client only ever uses the layout it registered last).
+#: Layouts one connection keeps registered, and the tensors and aliases in them (and in a
+#: layout whose parts are arriving) all together; registering more forgets the oldest (a client
+#: only ever uses the layout it registered last). Every shard holds a tensor and every component
+#: a shard, so shards and components are bounded by the same count.
 MAX_LAYOUTS = 16
 MAX_LAYOUT_TENSORS = 2_000_000
-#: Tensors in the layouts of all connections together: many clients cannot exhaust the daemon's
-#: memory with layouts (about 1 KB each once prepared) either.
+#: Tensors and aliases in the layouts of all connections together, parts in progress included:
+#: many clients cannot exhaust the daemon's memory with layouts either.
 MAX_DAEMON_LAYOUT_TENSORS = 8_000_000
 #: Tensors of a shard header JSON-encoded in one call: one ``json.dumps`` of a 700,000-entry
 #: header holds the GIL (and so the daemon's event loop) for seconds.
 HEADER_SLICE_TENSORS = 4096
-#: A layout of at least this many tensors is kept out of the garbage collector's full passes.
-SETTLE_TENSORS = 10_000
+_WHAT_TO_DO = "snapshot fewer, larger tensors (e.g. flatten many small buffers into one)"
 
 
 @dataclass(frozen=True)
 class PreparedLayout:
-    components: tuple[ComponentEntry, ...]
+    """Held as encoded bytes and a few spans: no per-tensor objects for the collector to visit."""
+
+    components: tuple[PreparedComponent, ...]
     headers: tuple[tuple[bytes, ...], ...]  # per component, per shard
     indexes: tuple[bytes, ...]  # ``<component>.safetensors.index.json`` text, per component
     nbytes: int  # tensor bytes a snapshot of this layout writes
-    tensors: int  # tensor entries, for the per-connection limit
+    tensors: int  # tensor and alias entries, for the limits
     end: int  # where the last shard's data ends in the slot: a streamed snapshot is whole there
 
 
-def prepare(components: Sequence[ComponentEntry]) -> PreparedLayout:
-    """Check ``components`` (raises ``InvalidRequest``) and encode what every snapshot reuses."""
-    tensors = sum(len(s.tensors) for c in components for s in c.shards)
-    if tensors > MAX_LAYOUT_TENSORS:
-        raise InvalidRequest(f"a layout of {tensors} tensors exceeds the limit of {MAX_LAYOUT_TENSORS}")
-    nbytes = check_components(components)
-    headers = tuple(tuple(_header(shard) for shard in c.shards) for c in components)
-    end = max((s.offset + s.nbytes for c in components for s in c.shards), default=0)
-    return PreparedLayout(
-        tuple(components), headers, tuple(_index(c) for c in components), nbytes, tensors, end
+def entries(components: Sequence[ComponentRows]) -> int:
+    """What a layout counts against the limits: its tensors and aliases."""
+    return sum(len(s.tensors) for c in components for s in c.shards) + sum(len(c.aliases) for c in components)
+
+
+def prepare(comps: Sequence[ComponentRows]) -> PreparedLayout:
+    """Check ``comps`` (raises ``InvalidRequest``) and encode what every snapshot reuses (see
+    ``rows.component_rows`` for decoded entries)."""
+    size = entries(comps)
+    if size > MAX_LAYOUT_TENSORS:
+        raise InvalidRequest(
+            f"a layout of {size} tensors and aliases exceeds the limit of {MAX_LAYOUT_TENSORS}; {_WHAT_TO_DO}"
+        )
+    nbytes = check_components(comps)
+    headers = tuple(tuple(_header(shard) for shard in c.shards) for c in comps)
+    end = max((s.offset + s.nbytes for c in comps for s in c.shards), default=0)
+    spans = tuple(
+        PreparedComponent(
+            c.name, tuple(ShardSpan(s.offset, s.nbytes, len(s.tensors)) for s in c.shards), c.aliases
+        )
+        for c in comps
     )
-
-
-def settle() -> None:
-    """Move the objects alive now (a large layout's millions) out of the cyclic garbage
-    collector's reach: a full collection traverses every tracked object while holding the GIL,
-    which stalled the event loop for seconds once a 700,000-tensor layout was held. They are
-    still freed by reference counting (layouts hold no cycles); young garbage is collected first
-    so that little else is kept."""
-    gc.collect(1)
-    gc.freeze()
-
-
-_Shard = tuple[int, int, list[TensorEntry]]  # offset, nbytes, tensors
+    return PreparedLayout(spans, headers, tuple(_index(c) for c in comps), nbytes, size, end)
 
 
 class LayoutParts:
     """A layout sent in parts (``RegisterLayout.more``), put together as they arrive (in linear
-    time: shards are extended in place). Nothing is checked here but the tensor limit and how
-    the parts join; ``prepare`` checks the whole."""
+    time: shards are extended in place) and bounded as they arrive: the part that takes it past
+    a limit fails it, and what was held is dropped at once. ``prepare`` checks the whole."""
 
     def __init__(self, layout: int) -> None:
         self.layout = layout
         self.parts = 0
-        self._comps: list[tuple[str, list[_Shard], dict[str, str]]] = []
-        self._tensors = 0
+        self._comps: list[ComponentRows] = []
+        self.tensors = 0  # tensors and aliases held
         self.error: str | None = None
+        self.over_daemon_limit = False  # failed for the daemon-wide limit, not for its content
 
     def add(self, part: RegisterLayout) -> None:
         self.parts += 1
         if self.error is not None:
             return
-        self._tensors += sum(len(s.tensors) for c in part.components for s in c.shards)
-        if self._tensors > MAX_LAYOUT_TENSORS:
-            self._fail(f"a layout of more than {MAX_LAYOUT_TENSORS} tensors exceeds the limit")
-            return
         for i, c in enumerate(part.components):
-            shards = [(s.offset, s.nbytes, list(s.tensors)) for s in c.shards]
-            if i == 0 and self._comps and self._comps[-1][0] == c.name:
-                _, joined, aliases = self._comps[-1]
-                aliases.update(c.aliases)
+            shards = [shard_rows(s.offset, s.nbytes, s.tensors) for s in c.shards]
+            if any(not s.tensors for s in shards):
+                self.fail(f"part {self.parts}: component {c.name!r} has a shard without tensors")
+                return
+            if i == 0 and self._comps and self._comps[-1].name == c.name:
+                joined = self._comps[-1]
+                before = len(joined.aliases)
+                joined.aliases.update(c.aliases)
+                self.tensors += len(joined.aliases) - before
                 if part.continues_shard:
-                    if not shards or not joined or shards[0][:2] != joined[-1][:2]:
-                        self._fail(f"part {self.parts} continues a shard it does not match")
+                    if not shards or not joined.shards or shards[0][:2] != joined.shards[-1][:2]:
+                        self.fail(f"part {self.parts} continues a shard it does not match")
                         return
-                    joined[-1][2].extend(shards.pop(0)[2])
-                joined.extend(shards)
+                    joined.shards[-1].tensors.extend(shards.pop(0).tensors)
+                joined.shards.extend(shards)
             elif i == 0 and part.continues_shard:
-                self._fail(f"part {self.parts} continues a shard of another component")
+                self.fail(f"part {self.parts} continues a shard of another component")
+                return
+            elif not shards:
+                self.fail(f"part {self.parts}: component {c.name!r} has no shards")
                 return
             else:
-                self._comps.append((c.name, shards, dict(c.aliases)))
+                self._comps.append(ComponentRows(c.name, shards, dict(c.aliases)))
+                self.tensors += len(c.aliases)
+            self.tensors += sum(len(s.tensors) for s in shards)
+            if self.tensors > MAX_LAYOUT_TENSORS:
+                self.fail(
+                    f"part {self.parts} takes the layout past {MAX_LAYOUT_TENSORS} tensors and "
+                    f"aliases, the limit of one layout; {_WHAT_TO_DO}"
+                )
+                return
 
-    def components(self) -> list[ComponentEntry]:
+    def components(self) -> list[ComponentRows]:
         """The whole layout (its parts were validated as frames: no second validation)."""
-        return [
-            ComponentEntry.model_construct(
-                name=name,
-                shards=[ShardEntry.model_construct(offset=o, nbytes=n, tensors=t) for o, n, t in shards],
-                aliases=aliases,
-            )
-            for name, shards, aliases in self._comps
-        ]
+        return self._comps
 
-    def _fail(self, why: str) -> None:
+    def fail(self, why: str, *, daemon_limit: bool = False) -> None:
         self.error = why
-        self._comps.clear()
+        self.over_daemon_limit = daemon_limit
+        self._comps = []
+        self.tensors = 0
 
 
-def _header(shard: ShardEntry) -> bytes:
+def _header(shard: ShardRows) -> bytes:
     """``encode_header`` of a checked shard (unique names), JSON-encoded in slices on a large
     one: the same bytes, but no single C call that holds the GIL for long."""
-    entries = [HeaderEntry(t.name, t.dtype, tuple(t.shape), t.start, t.end) for t in shard.tensors]
+    entries = [HeaderEntry(*t) for t in shard.tensors]
     if len(entries) <= HEADER_SLICE_TENSORS:
         return encode_header(entries)
     items = [json.dumps({"__metadata__": METADATA}, separators=(",", ":"))[1:-1]]
@@ -142,10 +152,10 @@ def _header(shard: ShardEntry) -> bytes:
 _U64 = struct.Struct("<Q")
 
 
-def _index(c: ComponentEntry) -> bytes:
+def _index(c: ComponentRows) -> bytes:
     """The Hugging Face index of a component, as ``save_pretrained`` lays it out."""
     n = len(c.shards)
-    weight_map = {t.name: shard_filename(c.name, i, n) for i, s in enumerate(c.shards) for t in s.tensors}
+    weight_map = {t[0]: shard_filename(c.name, i, n) for i, s in enumerate(c.shards) for t in s.tensors}
     total = sum(s.nbytes for s in c.shards)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     return (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()

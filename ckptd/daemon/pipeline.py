@@ -370,7 +370,7 @@ class Pipeline:
                     name=c.name,
                     index=index_filename(c.name),
                     shards=shards,
-                    tensors=sum(len(s.tensors) for s in c.shards),
+                    tensors=sum(s.tensors for s in c.shards),
                     total_size=sum(s.nbytes for s in c.shards),
                     aliases=c.aliases,
                 )

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ckptd.daemon.rows import ComponentRows, PreparedComponent
 from ckptd.dtypes import ITEMSIZE, numel
 from ckptd.paths import InvalidName, check_name
-from ckptd.protocol import ComponentEntry, Snapshot
+from ckptd.protocol import Snapshot
 
 #: Small text files a snapshot may carry besides its shards.
 ALLOWED_FILES = frozenset({"config.json", "generation_config.json"})
@@ -22,7 +23,7 @@ class InvalidRequest(ValueError):
     """A snapshot request that the daemon refuses; nothing was written."""
 
 
-def check_components(components: Sequence[ComponentEntry]) -> int:
+def check_components(components: Sequence[ComponentRows]) -> int:
     """Validate a layout on its own (names, dtypes, shapes, offsets, aliases); returns its bytes."""
     try:
         for c in components:
@@ -35,7 +36,7 @@ def check_components(components: Sequence[ComponentEntry]) -> int:
     return sum(_check_component(c) for c in components)
 
 
-def check_snapshot(req: Snapshot, components: Sequence[ComponentEntry], arena_size: int) -> None:
+def check_snapshot(req: Snapshot, components: Sequence[PreparedComponent], arena_size: int) -> None:
     """Validate what a snapshot adds to its (already checked) layout: names, the step, files and
     that every shard lies inside its arena of ``arena_size`` bytes."""
     try:
@@ -58,36 +59,38 @@ def check_snapshot(req: Snapshot, components: Sequence[ComponentEntry], arena_si
                 )
 
 
-def _check_component(c: ComponentEntry) -> int:
+def _check_component(c: ComponentRows) -> int:
     if not c.shards:
         raise InvalidRequest(f"component {c.name!r} has no shards")
     seen: set[str] = set()
     total = 0
     for i, shard in enumerate(c.shards):
         where = f"component {c.name!r} shard {i}"
+        if not shard.tensors:  # a header of 4096 bytes for nothing: shards are bounded by tensors
+            raise InvalidRequest(f"{where} holds no tensors; every shard must hold at least one")
         if shard.offset < 0 or shard.nbytes < 0:
             raise InvalidRequest(f"{where}: offset {shard.offset} and size {shard.nbytes} must be >= 0")
         pos = 0
-        for t in shard.tensors:
-            if t.name in seen or t.name == "__metadata__" or not t.name:
-                raise InvalidRequest(f"{where}: tensor name {t.name!r} is empty, reserved or repeated")
-            seen.add(t.name)
-            if t.dtype not in ITEMSIZE:
-                raise InvalidRequest(f"{where}: tensor {t.name!r} has unknown dtype {t.dtype!r}")
+        for name, dtype, shape, start, end in shard.tensors:
+            if name in seen or name == "__metadata__" or not name:
+                raise InvalidRequest(f"{where}: tensor name {name!r} is empty, reserved or repeated")
+            seen.add(name)
+            if dtype not in ITEMSIZE:
+                raise InvalidRequest(f"{where}: tensor {name!r} has unknown dtype {dtype!r}")
             # safetensors reads dims as u64 and sizes as usize: keep both far from overflowing.
             if (
-                len(t.shape) > MAX_DIMS
-                or numel([max(d, 1) for d in t.shape]) >= 2**62
-                or min(t.shape, default=0) < 0
+                len(shape) > MAX_DIMS
+                or numel([max(d, 1) for d in shape]) >= 2**62
+                or min(shape, default=0) < 0
             ):
-                raise InvalidRequest(f"{where}: tensor {t.name!r} has an invalid shape {t.shape[:8]}")
-            size = numel(t.shape) * ITEMSIZE[t.dtype]
-            if t.start != pos or t.end - t.start != size:
+                raise InvalidRequest(f"{where}: tensor {name!r} has an invalid shape {list(shape[:8])}")
+            size = numel(shape) * ITEMSIZE[dtype]
+            if start != pos or end - start != size:
                 raise InvalidRequest(
-                    f"{where}: tensor {t.name!r} spans [{t.start}, {t.end}); expected "
-                    f"[{pos}, {pos + size}) for shape {t.shape} {t.dtype}"
+                    f"{where}: tensor {name!r} spans [{start}, {end}); expected "
+                    f"[{pos}, {pos + size}) for shape {list(shape)} {dtype}"
                 )
-            pos = t.end
+            pos = end
         if pos != shard.nbytes:
             raise InvalidRequest(f"{where}: tensors cover {pos} bytes, shard says {shard.nbytes}")
         total += shard.nbytes
