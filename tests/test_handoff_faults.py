@@ -244,8 +244,10 @@ def test_a_huge_layout_does_not_stall_other_clients(
     start_daemon: Callable[..., DaemonProc], connect: Callable[..., Client]
 ) -> None:
     """A 150,000-tensor layout, sent the way the client sends it (in parts), registers while
-    another client commits a small snapshot and a new one connects, each in well under a second;
-    then a snapshot of the huge layout commits, bit-exact."""
+    another client's status requests are answered, a new client connects and small snapshots
+    commit; then a snapshot of the huge layout commits, bit-exact. What is timed is the daemon's
+    event loop (a status round trip, a hello): a commit's own time (fsyncs on a loaded machine)
+    says nothing about the loop."""
     d = start_daemon()
     c = connect(d)
     w = torch.arange(256, dtype=torch.float32)
@@ -265,20 +267,24 @@ def test_a_huge_layout_does_not_stall_other_clients(
         registering = threading.Thread(target=register, daemon=True)
         registering.start()
         round_trips: list[float] = []
+        committed = 0
         deadline = time.monotonic() + 120
         while registering.is_alive() and time.monotonic() < deadline:
             started = time.monotonic()
-            step = len(round_trips) + 1
-            h = c.snapshot({"model": {"w": w + step}, "step": step}, step=step)
-            h.wait(30)
+            c.status(timeout_s=60)
             connect(d).close()
             round_trips.append(time.monotonic() - started)
+            step = committed + 1
+            h = c.snapshot({"model": {"w": w + step}, "step": step}, step=step)
+            h.wait(30)
             assert same_bits(ckptd.load(h.path)["model"]["w"], w + step)
+            committed += 1
         registering.join(120)
         assert register_s, "the layout was not registered"
+        assert committed >= 1 and round_trips
         # Unfixed, one round trip took about as long as the whole registration (the loop was
-        # held throughout); machine speed cancels out of the ratio.
-        assert max(round_trips) < max(0.5, register_s[0] / 3), (round_trips, register_s)
+        # held throughout, 5 s and more here); fixed, the loop stalls well under half a second.
+        assert max(round_trips) < max(1.0, register_s[0] / 3), (round_trips, register_s)
         _commit_big_layout(raw)  # the layout is whole and right
     finally:
         raw.sock.close()
