@@ -663,7 +663,7 @@ class Client:
         step is used (with a warning) when ``fallback``, else ``CheckpointError`` is raised. An
         explicit ``step`` that does not verify always raises.
         """
-        run_dir = self.root / paths.check_name("run", run or self.run)
+        run_dir = self.root / paths.check_name("run", self.run if run is None else run)
         return restore_mod.restore_run(obj, run_dir, step=step, fallback=fallback)
 
     def _taken(self, handle: SnapshotHandle) -> SnapshotHandle:

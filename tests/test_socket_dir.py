@@ -393,7 +393,7 @@ def test_fresh_xdg_runtime_dir(users: Users) -> None:
 
 
 def test_detach_with_a_log_file_in_a_missing_directory(workdir: Path) -> None:
-    """What deploy/slurm/train.sbatch runs on a node where /tmp/ckptd-$SLURM_JOB_ID is new."""
+    """What deploy/slurm/train.sbatch runs on a node where its socket directory is new."""
     job = workdir / "ckptd-1234"
     pids = []
     try:
