@@ -315,7 +315,8 @@ SCENARIOS = [
         "another client commits small snapshots and new clients connect: each round trip under "
         "a third of the registration time (unfixed: the whole of it); then a snapshot of the huge "
         "layout commits bit-exact.",
-        r"test_handoff_faults\.py::test_a_huge_layout",
+        r"test_handoff_faults\.py::test_(a_huge_layout|layout_parts_join|sliced_shard_headers|parts_that_do_not_join"
+        r"|a_large_single_frame)",
     ),
     Scenario(
         "A huge sparse shard with a valid header",
