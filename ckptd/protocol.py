@@ -268,6 +268,16 @@ def encode_register_layout(layout: int, components_json: bytes) -> bytes:
     return _frame(b"".join((head[:-1].encode(), b',"components":', components_json, b"}")), "layout")
 
 
+def encode_layout(layout: int, components: list[dict[str, Any]]) -> bytes:
+    """``encode_register_layout`` of the wire form of ``list[ComponentEntry]`` (plain dicts): one
+    frame, or parts made from the dicts themselves (never parsed back from JSON)."""
+    whole = json.dumps(components, separators=(",", ":")).encode()
+    if len(whole) > LAYOUT_PART_BYTES:
+        del whole
+        return encode_register_layout_parts(layout, components)
+    return encode_register_layout(layout, whole)
+
+
 def encode_register_layout_parts(layout: int, components: list[dict[str, Any]]) -> bytes:
     """``RegisterLayout`` parts of the wire form of ``list[ComponentEntry]`` (plain dicts), for a
     caller that has not serialized it (saves parsing it back)."""

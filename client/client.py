@@ -34,7 +34,6 @@ from ckptd.protocol import (
     StatusReply,
     StatusRequest,
     encode,
-    encode_register_layout,
 )
 from ckptd.sizes import parse_size
 from client import restore as restore_mod
@@ -320,7 +319,11 @@ class Client:
         with paused_gc():
             key = signature(flat, max_shard)
             if key != self._plan_key or self._plan is None:
-                self._plan_key, self._plan = key, make_plan(flat, max_shard)
+                try:
+                    plan = make_plan(flat, max_shard)
+                except ProtocolError as e:
+                    raise CheckpointError(f"snapshot layout too large: {e}", code="too_large") from e
+                self._plan_key, self._plan = key, plan
         return self._plan
 
     def _stage(
@@ -421,11 +424,7 @@ class Client:
             channel.send(RegisterArena(arena=arena.id, size=arena.size), fds=(arena.fd,))
             channel.arenas.add(arena.id)
         if plan.layout_id not in channel.layouts:
-            try:
-                frame = encode_register_layout(plan.layout_id, plan.components_json)
-            except ProtocolError as e:
-                raise CheckpointError(f"snapshot layout too large: {e}", code="too_large") from e
-            channel.send_bytes(frame)
+            channel.send_bytes(plan.register_frames)
             channel.layouts.add(plan.layout_id)
 
     def _release_remote(self, arena: Arena) -> None:

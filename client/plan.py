@@ -9,13 +9,13 @@ device copies, per arena the tensor views it copies into.
 from __future__ import annotations
 
 import itertools
-import json
 from array import array
 from dataclasses import dataclass
 
 import torch
 
 from ckptd import layout as layout_mod
+from ckptd.protocol import encode_layout
 from ckptd.torch_dtypes import FROM_SAFETENSORS, safetensors_dtype
 from client.arena import Arena
 from client.tree import Flat
@@ -36,7 +36,7 @@ STREAM_BATCH_BYTES = 64 * 2**20
 @dataclass(frozen=True)
 class Plan:
     layout: layout_mod.Layout
-    components_json: bytes  # the layout's "components", serialized once
+    register_frames: bytes  # its RegisterLayout frame(s), encoded once
     # Per placement, in slot order (compact arrays: 20,000 tensors cost 0.5 MB, not 4):
     comps: array[int]  # its component's index in the Flat
     tensors: array[int]  # its tensor's index in that component
@@ -107,12 +107,13 @@ def make_plan(flat: Flat, max_shard_size: int) -> Plan:
         for ci, comp in enumerate(lay.components)
     ]
     placements = [(s.offset, p) for comp in lay.components for s in comp.shards for p in s.tensors]
+    layout_id = next(_layout_ids)
     return Plan(
         lay,
-        json.dumps(entries, separators=(",", ":")).encode(),
+        encode_layout(layout_id, entries),  # ProtocolError if too large for the wire
         comps,
         indices,
-        next(_layout_ids),
+        layout_id,
         offsets=array("q", (base + p.start for base, p in placements)),
         sizes=array("q", (p.end - p.start for _, p in placements)),
         raw=tuple(
