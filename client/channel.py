@@ -179,7 +179,7 @@ class Channel:
                 )
                 reason, code = self.end
                 raise CheckpointError(reason, code=code)
-            select.select([], [self.sock], [self.sock], min(left, 0.25))
+            _poll(self.sock, select.POLLOUT, min(left, 0.25))
 
     def _read_loop(
         self, on_message: Callable[[DaemonMessage], None], on_close: Callable[[str, str], None]
@@ -216,10 +216,9 @@ class Channel:
         """Whether the daemon sent bytes the I/O thread has not read yet (this process was
         stopped or starved, not the daemon)."""
         try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
+            return _poll(self.sock, select.POLLIN, 0)
         except (OSError, ValueError):
             return False
-        return bool(readable)
 
     def abort(self, reason: str, code: str) -> None:
         """End the connection from this side: ``on_close`` gets ``reason`` and ``code``. Never
@@ -244,6 +243,14 @@ class Channel:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         self.sock.close()
+
+
+def _poll(sock: socket.socket, events: int, timeout_s: float) -> bool:
+    """Whether ``sock`` is ready for ``events`` (or failed) within ``timeout_s``; poll, not
+    select: a trainer's descriptors are often numbered past select's 1024."""
+    poller = select.poll()
+    poller.register(sock, events)
+    return bool(poller.poll(timeout_s * 1000))
 
 
 def _hello(
