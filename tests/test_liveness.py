@@ -12,6 +12,7 @@ an error saying what was stuck.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import threading
@@ -394,3 +395,30 @@ def test_a_lost_slot_is_not_reused_while_the_daemon_may_still_read_its_request(
     wait_until((step1 / "ckptd.json").exists, timeout_s=30)
     assert ckptd.verify(step1) == []
     assert torch.equal(ckptd.load(step1)["model"]["w"], torch.full((4096,), 1.0))
+
+
+def test_sends_stay_bounded_in_a_trainer_with_descriptors_past_1024(
+    daemon: DaemonProc, connect: Callable[..., Client]
+) -> None:
+    """Data loaders and logs leave a trainer's sockets numbered past 1024, where ``select`` fails:
+    waiting for room to send must still work there."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 1300:
+        pytest.skip(f"the descriptor limit ({hard}) is too low to reach 1024")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1300), hard))
+    held = []
+    try:
+        while len(held) < 1100:
+            held.append(os.open("/dev/null", os.O_RDONLY))
+        c = connect(daemon, **FAST)
+        assert c._channel is not None and c._channel.sock.fileno() > 1024
+        c.snapshot(_state(), step=1).wait(30)
+        big = {f"t{i}": torch.zeros(2) for i in range(30_000)}
+        with stopped(daemon):
+            _, err, took = bounded(lambda: c.snapshot(big, step=2), 20)
+        assert isinstance(err, CheckpointError) and err.code == "daemon_unresponsive", err
+        assert took < FAST["liveness_timeout_s"] + 5
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
