@@ -268,7 +268,7 @@ SCENARIOS = [
         "(`faulty_daemon.py slow-snapshot`) while the new connection is answered at once: "
         "`discard_lost()` plus a new step in the only slot wait until the old connection is read "
         "to its end, so step 1 commits its own bytes (not step 2's, under verifying checksums).",
-        r"test_liveness\.py::test_(a_send_into|a_lost_slot_is_not)",
+        r"test_liveness\.py::test_(a_send_into|a_lost_slot_is_not|sends_stay_bounded)",
     ),
     Scenario(
         "Tensor larger than its storage",
