@@ -39,7 +39,8 @@ RESERVED_COMPONENTS = frozenset({"ckptd"})
 RESERVED_TENSOR_NAMES = ("", "__metadata__")
 
 
-_Key = tuple[int, torch.Size, tuple[int, ...], torch.dtype]
+# ptr, shape, stride, dtype, conj bit, neg bit
+_Key = tuple[int, torch.Size, tuple[int, ...], torch.dtype, bool, bool]
 
 
 @dataclass
@@ -166,11 +167,14 @@ class Component:
         )
 
     def _collide(self, ptr: int, name: str, t: torch.Tensor) -> None:
-        """A tensor starting where an earlier one does: an alias iff it has the same shape, strides
-        and dtype and holds elements (zero-element tensors never alias)."""
+        """A tensor starting where an earlier one does: an alias iff it has the same shape, strides,
+        dtype and lazy conjugate/negative bits (``z.conj()`` shares ``z``'s bytes but not its
+        values) and holds elements (zero-element tensors never alias)."""
         first_name, first = self._first[ptr]
-        self._seen.setdefault((ptr, first.shape, first.stride(), first.dtype), first_name)
-        key = (ptr, t.shape, t.stride(), t.dtype)
+        self._seen.setdefault(
+            (ptr, first.shape, first.stride(), first.dtype, first.is_conj(), first.is_neg()), first_name
+        )
+        key = (ptr, t.shape, t.stride(), t.dtype, t.is_conj(), t.is_neg())
         if key in self._seen and t.numel():
             self.aliases[name] = self._seen[key]
             return

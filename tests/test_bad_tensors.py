@@ -280,3 +280,21 @@ def test_reserved_names_are_refused_by_snapshot(client: Client, case: str) -> No
     assert named in message and "reserved" in message, message
     assert client.status().failed == 0  # refused before anything reached the daemon
     assert step_dirs(client.root / "default") == []
+
+
+@pytest.mark.parametrize("view", ["conj", "neg"])
+def test_a_lazy_conjugate_or_negative_view_is_not_stored_as_a_tie(client: Client, view: str) -> None:
+    """``z.conj()`` and ``x._neg_view()`` share their base's bytes but not its values: stored as
+    one tied tensor, the view came back with the base's values (a silent wrong checkpoint)."""
+    g = torch.Generator().manual_seed(3)
+    if view == "conj":
+        base = torch.randn(64, dtype=torch.complex64, generator=g)
+        other = base.conj()
+    else:
+        base = torch.randn(64, generator=g)
+        other = base._neg_view()
+    info = client.snapshot({"model": {"a": base, "b": other}}, step=1).wait(30)
+    loaded = ckptd.load(info.path)["model"]
+    assert torch.equal(loaded["a"], base.resolve_conj().resolve_neg())
+    assert torch.equal(loaded["b"], other.resolve_conj().resolve_neg())
+    assert not torch.equal(loaded["a"], loaded["b"])
