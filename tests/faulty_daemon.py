@@ -14,6 +14,8 @@ FAULT is one of
   daemon 2N (instead of millions), so the limits can be reached with small frames;
 - ``connections:N:SECONDS``: no storage fault; the daemon serves at most N clients and closes
   a connection that has not said hello within SECONDS.
+- ``pending-frames:TOTAL:BLAMED``: no storage fault; unfinished frames of all connections may
+  hold TOTAL bytes, past which one holding over BLAMED bytes is refused (instead of 1 GiB/16 MiB);
 - ``slow-snapshot:SECONDS:STEP``: no storage fault; a ``Snapshot`` frame of STEP takes SECONDS
   more to decode on the layout thread (every frame over 300 bytes goes there), as a frame queued
   behind a huge layout does: its connection is not read meanwhile, while others are served.
@@ -197,6 +199,12 @@ if __name__ == "__main__":
         _, limit, hello_s = sys.argv[1].split(":")
         connection.MAX_CONNECTIONS = int(limit)
         connection.HELLO_TIMEOUT_S = float(hello_s)
+    if sys.argv[1].startswith("pending-frames:"):
+        from ckptd.daemon import connection
+
+        _, total, blamed = sys.argv[1].split(":")
+        connection.MAX_PENDING_FRAME_BYTES = int(total)
+        connection.FRAME_BYTES_BLAMED = int(blamed)
     if sys.argv[1].startswith("slow-snapshot:"):
         from ckptd.daemon import connection
         from ckptd.protocol import Snapshot

@@ -399,3 +399,36 @@ def _register_arena(raw: _Raw, size: int, content: bytes) -> None:
         socket.send_fds(raw.sock, [encode(RegisterArena(arena=1, size=size))], [fd])
     finally:
         os.close(fd)
+
+
+def test_unfinished_frames_are_bounded_daemon_wide(
+    start_daemon: Callable[..., DaemonProc], connect: Callable[..., Client]
+) -> None:
+    """Clients that each send most of a large frame and stall held it all (40 of them: 2.4 GB of
+    daemon memory, a hostile tester found; 1024 would OOM it). Past a daemon-wide total, one holding
+    a large share is refused with `too_large`; the others and new clients are served."""
+    d = start_daemon(faults=f"pending-frames:{2**20}:{2**18}")
+    raws = [_Raw(d.socket) for _ in range(4)]
+    try:
+        for r in raws:  # 400 KB of a 4 MiB frame each: the third passes the 1 MiB total
+            r.sock.sendall(struct.pack(">I", 4 * 2**20) + b'{"kind":"snapshot"' + b" " * 400_000)
+        refused = 0
+        for r in raws:  # each is refused (Failed, then EOF) or hears only heartbeats for 2 s
+            r.sock.settimeout(3)
+            deadline = time.monotonic() + 2
+            try:
+                while time.monotonic() < deadline:
+                    m = r.recv()
+                    if isinstance(m, Failed):
+                        assert m.code == "too_large" and "unfinished" in m.message, m
+                        refused += 1
+                        break
+            except (EOFError, TimeoutError):
+                pass
+        assert refused >= 1
+        w = torch.arange(64, dtype=torch.float32)
+        info = connect(d).snapshot({"model": {"w": w}}, step=1).wait(30)
+        assert same_bits(ckptd.load(info.path)["model"]["w"], w)
+    finally:
+        for r in raws:
+            r.sock.close()

@@ -81,6 +81,11 @@ MAX_CONNECTIONS = 1024
 #: Replies queued for a client that does not read them before it gets no more (its requests are
 #: still read and carried out).
 MAX_QUEUED_REPLY_BYTES = 16 * 2**20
+#: Bytes of unfinished frames all connections together may hold: half-sent frames of up to
+#: MAX_FRAME_BYTES each from 1024 clients would be 64 GiB. Past it, a connection holding more
+#: than FRAME_BYTES_BLAMED of them is refused (a legitimate frame is a few MB and sent at once).
+MAX_PENDING_FRAME_BYTES = 2**30
+FRAME_BYTES_BLAMED = 16 * 2**20
 
 
 class Connection:
@@ -109,6 +114,7 @@ class Connection:
         self._queued = 0
         self._hello = False
         self.token = ""  # the client's name for this connection (Hello.token)
+        self._pending = 0  # bytes of an unfinished frame, counted in daemon.pending_frame_bytes
         self.closed = False
         self.writer = asyncio.create_task(self._write_loop(), name=f"ckptd-conn-{peer_pid}-writer")
         self._hello_timer = self._loop.call_later(HELLO_TIMEOUT_S, self._hello_expired)
@@ -176,6 +182,8 @@ class Connection:
                 self._ready.extend(self._frames.feed(data))
             except ProtocolError as e:
                 self._refuse("bad_frame", str(e))
+                return
+            if self._hold_pending(self._frames.pending_bytes):
                 return
             self._pump()
 
@@ -461,10 +469,26 @@ class Connection:
         self.send(Failed(id=None, code=code, message=message))
         self.close()
 
+    def _hold_pending(self, nbytes: int) -> bool:
+        """Count this connection's unfinished frame bytes daemon-wide; refuse it (True) if all
+        connections hold too many and it holds a large share."""
+        self.daemon.pending_frame_bytes += nbytes - self._pending
+        self._pending = nbytes
+        if self.daemon.pending_frame_bytes > MAX_PENDING_FRAME_BYTES and nbytes > FRAME_BYTES_BLAMED:
+            self._refuse(
+                "too_large",
+                f"{nbytes} bytes of an unfinished frame held while unfinished frames of all clients "
+                f"pass {MAX_PENDING_FRAME_BYTES} bytes; send each frame whole (ckptd's client does)",
+            )
+            return True
+        return False
+
     def close(self) -> None:
         """Stop reading, flush queued replies, release this client's arenas (jobs keep theirs)."""
         if self.closed:
             return
+        self.daemon.pending_frame_bytes -= self._pending
+        self._pending = 0
         self._out.put_nowait(None)
         self.closed = True
         self._hello_timer.cancel()

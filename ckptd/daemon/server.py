@@ -97,6 +97,7 @@ class Daemon:
         # Large frames (layouts of many thousands of tensors) are decoded here, one at a time,
         # not on the event loop.
         self.layout_executor = ThreadPoolExecutor(1, thread_name_prefix="ckptd-layout")
+        self.pending_frame_bytes = 0  # unfinished frames held by all connections (connection.py)
         self._listener: socket.socket | None = None
         self._lock_fd: int | None = None
         self._root_lock_fd: int | None = None
