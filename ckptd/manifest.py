@@ -6,12 +6,14 @@ A directory without a manifest that parses and verifies is not a checkpoint.
 from __future__ import annotations
 
 import builtins
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, JsonValue, ValidationError
 
 from ckptd import checksum
+from ckptd.paths import parse_step_dirname
 from ckptd.safeio import read_small
 
 MANIFEST_NAME = "ckptd.json"
@@ -105,6 +107,12 @@ def read_manifest(step_dir: Path) -> Manifest:
         raise ManifestError(f"{path}: {e}") from e
     if checksum.of_bytes(head + tail) != manifest.checksum:
         raise ManifestError(f"{path}: manifest checksum mismatch; the file was modified or corrupted")
+    named = parse_step_dirname(os.path.basename(os.path.abspath(step_dir)))
+    if named is not None and named != manifest.step:
+        raise ManifestError(
+            f"{path}: manifest says step {manifest.step}, but its directory is "
+            f"{os.path.basename(os.path.abspath(step_dir))}; the manifest was copied or modified"
+        )
     return manifest
 
 

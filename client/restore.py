@@ -12,6 +12,7 @@ from torch import nn
 
 from ckptd import paths, reading, safeio
 from ckptd.manifest import read_manifest
+from client import fit
 from client.errors import CheckpointError
 from client.offload import is_offloaded, load_offloaded_state_dict
 from client.tree import normalize, optimizer_param_order, param_names
@@ -26,7 +27,9 @@ def restore_run(obj: object, run_dir: Path, *, step: int | None, fallback: bool)
         candidates = [run_dir / paths.step_dirname(step)]
     else:
         candidates = reading.candidates(run_dir)[: None if fallback else 1]
+    refused: CheckpointError | None = None
     for i, step_dir in enumerate(candidates):
+        later = "; trying an older step" if i + 1 < len(candidates) else ""
         try:
             found = safeio.lstat_kind(step_dir)
             if found not in ("a directory", None):  # ckptd never makes one; a link is not followed
@@ -36,11 +39,25 @@ def restore_run(obj: object, run_dir: Path, *, step: int | None, fallback: bool)
         except reading.CorruptCheckpoint as e:  # ManifestError too: every damaged step, no more
             if step is not None or not fallback:
                 raise CheckpointError(f"cannot restore {step_dir}: {e}", code="corrupt") from e
-            later = "; trying an older step" if i + 1 < len(candidates) else ""
             log.warning("skipping %s: %s%s", step_dir, e, later)
             continue
-        apply(obj, loaded)
-        return manifest.step
+        try:
+            apply(obj, loaded)  # checks all of it against the objects before changing any
+        except CheckpointError as e:
+            if e.code != "restore_mismatch":
+                raise
+            error = CheckpointError(f"cannot restore {step_dir}: {e}", code="restore_mismatch")
+            if step is not None or not fallback:
+                raise error from e
+            log.warning("skipping %s: it does not fit the objects restored into: %s%s", step_dir, e, later)
+            refused = refused or error
+            continue
+        return manifest.step  # read_manifest checked it is the step its directory is named for
+    if refused is not None:  # e.g. every step is of another model: say why the newest did not fit
+        raise CheckpointError(
+            f"no committed checkpoint in {run_dir} fits the objects restored into; {refused}",
+            code="restore_mismatch",
+        ) from refused
     raise CheckpointError(f"no committed checkpoint that verifies in {run_dir}", code="not_found")
 
 
@@ -55,6 +72,17 @@ def apply(obj: object, loaded: Mapping[str, Any]) -> None:
         )
     modules = {k: v for k, v in top.items() if isinstance(v, nn.Module)}
     names = param_names(modules)
+    optimizer_states = {}
+    for key, target in top.items():  # everything is checked before anything is changed
+        value = loaded[key]
+        if isinstance(target, nn.Module):
+            fit.check_module(key, target, value)
+        elif isinstance(target, torch.optim.Optimizer):
+            fit.check_optimizer_saved(key, value)
+            optimizer_states[key] = _optimizer_state(target, value, names)
+            _check_optimizer_tensors(key, target, optimizer_states[key])
+        else:
+            fit.check_value(key, target, value)
     for key, target in top.items():
         value = loaded[key]
         if isinstance(target, nn.Module):
@@ -63,11 +91,20 @@ def apply(obj: object, loaded: Mapping[str, Any]) -> None:
             else:
                 target.load_state_dict(value)
         elif isinstance(target, torch.optim.Optimizer):
-            target.load_state_dict(_optimizer_state(target, value, names))
+            target.load_state_dict(optimizer_states[key])
         elif isinstance(obj, MutableMapping) and obj.get(key) is target:  # obj is the tree itself
             obj[key] = _merge(target, value, key)
         else:
             _merge(target, value, key)
+
+
+def _check_optimizer_tensors(key: str, opt: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
+    """Saved per-parameter state has the shapes of the state this optimizer already holds."""
+    params = optimizer_param_order(opt)
+    for i, saved in state["state"].items():
+        current = opt.state.get(params[i])
+        if current:
+            fit.check_value(f"{key}.state.{i}", dict(current), saved)
 
 
 def _merge(target: Any, value: Any, where: str) -> Any:

@@ -349,6 +349,15 @@ SCENARIOS = [
         "it in parts); the planner makes no empty shard, held rows are untracked, nothing frozen.",
         r"test_layout_limits\.py::",
     ),
+    Scenario(
+        "A resealed manifest whose tree or step does not fit",
+        "Step 2's manifest (resealed) holds optimizer state as a list, a module without its bias "
+        "keys or with an extra key, an int for the model, or param groups of ints; or says step 1: "
+        "`verify`/`load` report the step mismatch, `restore` falls back to step 1 bit-exact with a "
+        "warning naming step 2, and with `fallback=False` raises `CheckpointError` "
+        "(`restore_mismatch`) with the model and optimizer unchanged.",
+        r"test_hostile_files\.py::test_(tree_that_does_not_fit|manifest_naming_another)",
+    ),
 ]
 
 

@@ -89,6 +89,20 @@ def _child_op(op: str, arg: str) -> dict[str, Any]:
                 "restored": restored_fingerprint(model, opt),
                 "warnings": warnings,
             }
+        if op == "restore-strict":  # fallback=False: the error, and the objects left as they were
+            model, opt = trained(999)
+            before = restored_fingerprint(model, opt)
+            tree = {"model": model, "optimizer": opt, "step": 0}
+            try:
+                restore_run(tree, Path(arg), step=None, fallback=False)
+            except CheckpointError as e:
+                return {
+                    "error": type(e).__name__,
+                    "code": e.code,
+                    "message": str(e),
+                    "unchanged": restored_fingerprint(model, opt) == before and tree["step"] == 0,
+                }
+            return {"step": tree["step"]}
     except Exception as e:  # reported to the parent, which asserts on it
         return {"error": type(e).__name__, "message": str(e)}
     raise AssertionError(op)
@@ -582,6 +596,71 @@ def test_non_directory_at_a_step_path_is_named_and_ignored(
     r = read_in_child(f"load:{run_dir}", f"restore:{run_dir}")
     assert r[f"load:{run_dir}"] == {"step": 2, "model": expected_model(2)}
     assert r[f"restore:{run_dir}"]["step"] == 2
+
+
+# --- a resealed manifest whose tree or step does not fit ----------------------------------------
+
+
+def _edit_tree(how: str) -> Callable[[Manifest], Manifest]:
+    def edit(m: Manifest) -> Manifest:
+        tree = json.loads(json.dumps(m.tree))
+        top = tree["$dict"]
+        if how == "optimizer-state-list":
+            top["optimizer"]["state"] = {"$list": []}
+        elif how == "module-keys-missing":
+            keys = top["model"]["keys"]
+            top["model"]["keys"] = [k for k in keys if not k.endswith("bias")]
+        elif how == "module-is-int":
+            top["model"] = 5
+        elif how == "param-groups-wrong":
+            top["optimizer"]["param_groups"] = {"$list": [7]}
+        elif how == "module-key-extra":
+            top["model"]["keys"] = [*top["model"]["keys"], "2.bias_extra"]
+        else:
+            raise AssertionError(how)
+        return m.model_copy(update={"tree": tree})
+
+    return edit
+
+
+TREES = [
+    "optimizer-state-list",
+    "module-keys-missing",
+    "module-is-int",
+    "param-groups-wrong",
+    "module-key-extra",
+]
+
+
+@pytest.mark.parametrize("how", TREES)
+def test_tree_that_does_not_fit_the_objects_falls_back_and_changes_nothing(
+    two_steps: Committed, how: str
+) -> None:
+    """Step 2's manifest tree (resealed) does not fit the model and optimizer it was taken from:
+    ``restore`` falls back to step 1 bit-exact with a warning naming step 2; with
+    ``fallback=False`` it raises ``CheckpointError`` and the model and optimizer are unchanged."""
+    step_dir, run_dir = two_steps.newest, two_steps.run_dir
+    reseal(step_dir, _edit_tree(how))
+    r = read_in_child(f"restore:{run_dir}", f"restore-strict:{run_dir}")
+    assert_fell_back_to_step_1(r[f"restore:{run_dir}"], step_dir)
+    strict = r[f"restore-strict:{run_dir}"]
+    assert strict.get("error") == "CheckpointError", strict
+    assert strict["code"] in ("restore_mismatch", "corrupt") and str(step_dir) in strict["message"], strict
+    assert strict["unchanged"], strict
+
+
+@pytest.mark.parametrize("field", ["step"])
+def test_manifest_naming_another_step_or_run_is_corrupt(two_steps: Committed, field: str) -> None:
+    """Step 2's manifest (resealed) says step 1, or run ``other``: ``verify`` and ``load`` say the
+    manifest does not match its directory, ``restore`` falls back to step 1 and returns 1."""
+    step_dir, run_dir = two_steps.newest, two_steps.run_dir
+    value: object = 1 if field == "step" else "other"
+    reseal(step_dir, lambda m: m.model_copy(update={field: value}))
+    r = read_in_child(f"verify:{step_dir}", f"load:{step_dir}", f"restore:{run_dir}")
+    problems = r[f"verify:{step_dir}"]["problems"]
+    assert problems and any(f"{field}" in p and step_dir.name in p for p in problems), problems
+    assert_refused(r[f"load:{step_dir}"], step_dir.name)
+    assert_fell_back_to_step_1(r[f"restore:{run_dir}"], step_dir)
 
 
 if __name__ == "__main__":
