@@ -7,6 +7,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from ckptd.reading import CorruptCheckpoint, latest, load, verify
+from ckptd.reading import CheckpointTooLarge, CorruptCheckpoint, latest, load, verify
 
-__all__ = ["CorruptCheckpoint", "__version__", "latest", "load", "verify"]
+__all__ = ["CheckpointTooLarge", "CorruptCheckpoint", "__version__", "latest", "load", "verify"]

@@ -14,19 +14,30 @@ from typing import Any
 from ckptd import checksum, paths, tree
 from ckptd.manifest import (
     MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
     CorruptCheckpoint,
     FileRecord,
     Manifest,
     ManifestError,
     read_manifest,
 )
-from ckptd.safeio import open_regular
+from ckptd.safeio import UnsafeFile, open_regular
 from ckptd.shardfile import ShardFormatError, decode_header, header_span
 
-__all__ = ["CorruptCheckpoint", "ManifestError", "latest", "load", "verify"]
+__all__ = ["CheckpointTooLarge", "CorruptCheckpoint", "ManifestError", "latest", "load", "verify"]
 
 log = logging.getLogger(__name__)
 _CHUNK = 64 * 2**20
+#: An index, config.json or other small file of a step larger than this is refused unread (by its
+#: size, before hashing). An index lists each tensor once, as the manifest's tree does, so it is
+#: bounded like the manifest (an index of 700k tensors is ~40 MB).
+MAX_FILE_BYTES = MAX_MANIFEST_BYTES
+
+
+class CheckpointTooLarge(CorruptCheckpoint, MemoryError):
+    """A step whose tensors together need more than this machine's memory and swap. It is a
+    ``CorruptCheckpoint`` (``restore`` falls back past it: a sparse file costs nothing on disk), and a
+    ``MemoryError``: a legitimate checkpoint this large cannot be loaded whole here."""
 
 
 def latest(root: str | os.PathLike[str], run: str = "default") -> Path | None:
@@ -64,22 +75,27 @@ def verify(path: str | os.PathLike[str]) -> list[str]:
 
 
 def _check_file(step_dir: Path, record: FileRecord, *, shard_file: bool) -> list[str]:
+    """Problems with one file of a step. Everything that needs no hashing is checked first: the
+    size (an index or config file above ``MAX_FILE_BYTES`` is refused unread), and a shard's header,
+    which must account for every byte of the file, so a sparse terabyte is never hashed."""
     path = step_dir / record.file  # a plain name (the manifest checks): inside step_dir
     try:
-        fd = open_regular(path)
+        fd = open_regular(path, None if shard_file else MAX_FILE_BYTES)
+    except UnsafeFile as e:
+        return [f"{path}: {e.strerror}; the file is damaged or was replaced"]
     except OSError as e:
         return [f"{path}: cannot read ({e.strerror})"]
     try:
         size = os.fstat(fd).st_size
         if size != record.bytes:
             return [f"{path}: {size} bytes, manifest says {record.bytes} (truncated or replaced)"]
+        if shard_file:
+            decode_header(_read_header(fd, size), size, str(path))
         digest, size = checksum.of_fd(fd)
         if size != record.bytes:
             return [f"{path}: {size} bytes, manifest says {record.bytes} (changed while read)"]
         if digest != record.xxh3_128:
             return [f"{path}: checksum mismatch (xxh3_128 {digest}, manifest says {record.xxh3_128})"]
-        if shard_file:
-            decode_header(_read_header(fd, size), size, str(path))
     except ShardFormatError as e:
         return [str(e)]
     except OSError as e:
@@ -139,6 +155,7 @@ def load_manifest(step_dir: Path, manifest: Manifest, *, verify_checksums: bool 
         problems = [p for f in manifest.files for p in _check_file(step_dir, f, shard_file=False)]
         if problems:
             raise CorruptCheckpoint("; ".join(problems))
+    _check_step_fits_memory(step_dir, manifest)
     tensors: dict[str, dict[str, Any]] = {}
     for c in manifest.components:
         loaded: dict[str, Any] = {}
@@ -233,6 +250,48 @@ def _check_fits_memory(path: Path, nbytes: int) -> None:
             f"{path}: shard holds {nbytes} bytes of tensors, more than this machine's memory and swap "
             f"({limit} bytes); the shard is damaged, or it cannot be loaded on this machine"
         )
+
+
+def _check_step_fits_memory(step_dir: Path, manifest: Manifest) -> None:
+    """Refuse, before allocating anything, a step whose shards together hold more tensor bytes than
+    this machine's memory and swap (each shard may fit while all of them do not)."""
+    limit = _memory_bytes()
+    if limit is None:
+        return
+    total = 0
+    for c in manifest.components:
+        for shard in c.shards:
+            nbytes = _tensor_bytes(step_dir / shard.file)
+            _check_fits_memory(step_dir / shard.file, nbytes)  # one shard alone: name it
+            total += nbytes
+    if total > limit:
+        raise CheckpointTooLarge(
+            f"{step_dir}: its shards hold {total} bytes of tensors, more than this machine's memory "
+            f"and swap ({limit} bytes), so ckptd.load cannot load the step whole here; read its "
+            "shards one at a time with safetensors' lazy safe_open, or load on a larger machine "
+            "(or the shards are damaged)"
+        )
+
+
+def _tensor_bytes(path: Path) -> int:
+    """A shard's tensor bytes, from its header (decoded and checked against the file's size, which
+    it must account for exactly): a malformed shard is named before the step's total is judged."""
+    try:
+        fd = open_regular(path)
+    except OSError as e:
+        raise CorruptCheckpoint(
+            f"{path}: cannot read shard ({e.strerror}); the checkpoint is incomplete"
+        ) from e
+    try:
+        size = os.fstat(fd).st_size
+        header = decode_header(_read_header(fd, size), size, str(path))
+    except ShardFormatError as e:
+        raise CorruptCheckpoint(str(e)) from e
+    except OSError as e:
+        raise CorruptCheckpoint(f"{path}: cannot read shard ({e.strerror})") from e
+    finally:
+        os.close(fd)
+    return size - header.data_start
 
 
 def _memory_bytes() -> int | None:

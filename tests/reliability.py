@@ -358,6 +358,15 @@ SCENARIOS = [
         "(`restore_mismatch`) with the model and optimizer unchanged.",
         r"test_hostile_files\.py::test_(tree_that_does_not_fit|manifest_naming_another)",
     ),
+    Scenario(
+        "Hostile sizes: a 1 TiB sparse index, a shard padded past its header, a step over memory",
+        "Step 2's index is truncated to 1 TiB (sparse), or a shard grows by 1 TiB past what its "
+        "header describes, with the manifest resealed for the size: `verify`, `load` and `restore` "
+        "refuse it within seconds by its size or header (never hashing it), restore falls back to "
+        "step 1 bit-exact; a step whose shards each fit the (patched) memory bound but together do "
+        "not: `load` raises `CheckpointTooLarge` naming the total, the bound and safe_open.",
+        r"test_hostile_files\.py::test_(huge_sparse_index|shard_with_sparse_bytes|step_whose_shards)",
+    ),
 ]
 
 

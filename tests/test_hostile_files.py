@@ -67,6 +67,11 @@ def _child_op(op: str, arg: str) -> dict[str, Any]:
             vm = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
             resource.setrlimit(resource.RLIMIT_AS, (vm + int(arg), resource.RLIM_INFINITY))
             return {}
+        if op == "memory-bound":  # the rest of this child believes memory and swap hold ARG bytes
+            import ckptd.reading
+
+            ckptd.reading._memory_bytes = lambda: int(arg)
+            return {}
         if op == "verify":
             return {"problems": ckptd.verify(arg)}
         if op == "load":
@@ -82,7 +87,10 @@ def _child_op(op: str, arg: str) -> dict[str, Any]:
             logging.getLogger().addHandler(Keep(logging.WARNING))
             model, opt = trained(999)
             tree: dict[str, object] = {"model": model, "optimizer": opt, "step": 0}
-            step = restore_run(tree, Path(arg), step=None, fallback=True)
+            try:
+                step = restore_run(tree, Path(arg), step=None, fallback=True)
+            except CheckpointError as e:
+                return {"error": "CheckpointError", "message": str(e), "warnings": warnings}
             return {
                 "step": step,
                 "tree_step": tree["step"],
@@ -172,7 +180,7 @@ def assert_fell_back_to_step_1(result: dict[str, Any], damaged: Path) -> None:
 
 def assert_refused(result: dict[str, Any], *words: str) -> None:
     """A domain error (never a raw RuntimeError, RecursionError, MemoryError...) naming ``words``."""
-    assert result.get("error") in ("CorruptCheckpoint", "ManifestError"), result
+    assert result.get("error") in ("CorruptCheckpoint", "ManifestError", "CheckpointTooLarge"), result
     for w in words:
         assert w in result["message"], (w, result["message"])
 
@@ -331,6 +339,58 @@ def test_huge_sparse_shard_is_corrupt_and_restore_falls_back(two_steps: Committe
     r = read_in_child(*ops, f"load:{step_dir}", f"restore:{run_dir}")
     assert_refused(r[f"load:{step_dir}"], shard.name, str(nbytes))
     assert_fell_back_to_step_1(r[f"restore:{run_dir}"], step_dir)
+
+
+def test_huge_sparse_index_is_refused_unread_and_restore_falls_back(two_steps: Committed) -> None:
+    """An index truncated to 1 TiB (sparse) with the manifest resealed for its size: verify, load
+    and restore refuse it by its size within seconds (hashing it would take many minutes)."""
+    step_dir, run_dir = two_steps.newest, two_steps.run_dir
+    manifest = read_manifest(step_dir)
+    i = next(i for i, f in enumerate(manifest.files) if f.file == manifest.components[0].index)
+    index = step_dir / manifest.files[i].file
+    os.truncate(index, 2**40)
+    fake = FileRecord.model_construct(file=index.name, bytes=2**40, xxh3_128="0" * 32)
+    reseal(step_dir, lambda m: with_file(m, i, fake))
+
+    r = read_in_child(f"verify:{step_dir}", f"load:{step_dir}", f"restore:{run_dir}", timeout_s=20)
+    problems = r[f"verify:{step_dir}"]["problems"]
+    assert any(index.name in p and str(2**40) in p for p in problems), problems
+    assert_refused(r[f"load:{step_dir}"], index.name, str(2**40))
+    assert_fell_back_to_step_1(r[f"restore:{run_dir}"], step_dir)
+    done = cli("verify", step_dir, timeout_s=20)
+    assert done.returncode == 1 and index.name in done.stdout, done
+
+
+def test_shard_with_sparse_bytes_past_its_data_is_refused_unread(two_steps: Committed) -> None:
+    """A shard grown by 1 TiB of sparse bytes past what its header describes (manifest resealed
+    for the size): verify and load refuse it from the header, without hashing the terabyte."""
+    step_dir, run_dir = two_steps.newest, two_steps.run_dir
+    shard = step_dir / read_manifest(step_dir).components[0].shards[0].file
+    size = shard.stat().st_size + 2**40
+    os.truncate(shard, size)
+    fake = FileRecord.model_construct(file=shard.name, bytes=size, xxh3_128="0" * 32)
+    reseal(step_dir, lambda m: with_shard(m, 0, fake))
+
+    r = read_in_child(f"verify:{step_dir}", f"load:{step_dir}", f"restore:{run_dir}", timeout_s=20)
+    problems = r[f"verify:{step_dir}"]["problems"]
+    assert any(shard.name in p and str(size) in p for p in problems), problems
+    assert_refused(r[f"load:{step_dir}"], shard.name, str(size))
+    assert_fell_back_to_step_1(r[f"restore:{run_dir}"], step_dir)
+
+
+def test_step_whose_shards_together_exceed_memory_is_refused_before_reading(two_steps: Committed) -> None:
+    """Every shard fits in memory but all of the step's together do not: ``load`` refuses before
+    allocating, naming the step's total and the bound and how to read it in parts."""
+    step_dir = two_steps.newest
+    shards = [step_dir / s.file for s in read_manifest(step_dir).components[0].shards]
+    sizes = [s.stat().st_size for s in shards]
+    assert len(sizes) > 1
+    bound = max(sizes) + (sum(sizes) - max(sizes)) // 2  # above any one shard, below their sum
+    r = read_in_child(f"memory-bound:{bound}", f"load:{step_dir}", f"restore:{two_steps.run_dir}")
+    assert_refused(r[f"load:{step_dir}"], str(step_dir), str(bound), "safe_open")
+    restore = r[f"restore:{two_steps.run_dir}"]  # step 1 is as large: nothing restores
+    assert restore.get("error") == "CheckpointError" and "no committed checkpoint" in restore["message"]
+    assert any(str(bound) in w and "memory" in w for w in restore["warnings"]), restore
 
 
 @pytest.mark.parametrize("name", ["weird name", "-dash", "a..b"])
