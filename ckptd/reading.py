@@ -196,12 +196,7 @@ def read_shard(path: Path, record: FileRecord | None) -> dict[str, Any]:
 
     from ckptd.torch_dtypes import FROM_SAFETENSORS
 
-    try:
-        fd = open_regular(path)
-    except OSError as e:
-        raise CorruptCheckpoint(
-            f"{path}: cannot read shard ({e.strerror}); the checkpoint is incomplete"
-        ) from e
+    fd = _open_shard(path)
     try:
         size = os.fstat(fd).st_size
         if record is not None and size != record.bytes:  # before allocating anything for it
@@ -273,15 +268,20 @@ def _check_step_fits_memory(step_dir: Path, manifest: Manifest) -> None:
         )
 
 
-def _tensor_bytes(path: Path) -> int:
-    """A shard's tensor bytes, from its header (decoded and checked against the file's size, which
-    it must account for exactly): a malformed shard is named before the step's total is judged."""
+def _open_shard(path: Path) -> int:
+    """A shard opened as a regular file (never through a link, a FIFO or a device)."""
     try:
-        fd = open_regular(path)
+        return open_regular(path)
     except OSError as e:
         raise CorruptCheckpoint(
             f"{path}: cannot read shard ({e.strerror}); the checkpoint is incomplete"
         ) from e
+
+
+def _tensor_bytes(path: Path) -> int:
+    """A shard's tensor bytes, from its header (decoded and checked against the file's size, which
+    it must account for exactly): a malformed shard is named before the step's total is judged."""
+    fd = _open_shard(path)
     try:
         size = os.fstat(fd).st_size
         header = decode_header(_read_header(fd, size), size, str(path))
