@@ -1,25 +1,23 @@
-"""The ``ckptd`` command: ``serve``, ``ls``, ``verify``, ``status``."""
+"""The ``ckptd`` command: ``serve``, ``status``, ``stop``, ``ls``, ``verify``, ``prune``, ``rm``,
+``export`` (the last five in ``ckptd.cli_steps``, the daemon's in ``ckptd.cli_daemon``)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
-from ckptd import paths, reading, sockdir
-from ckptd.manifest import MANIFEST_NAME, ManifestError, read_manifest
-from ckptd.protocol import StatusReply
-from ckptd.sizes import format_size, parse_size
+from ckptd import __version__, cli_daemon, cli_steps, paths, sockdir
+from ckptd.sizes import parse_size
 from ckptd.storage import Storage
 
 
 def main(argv: list[str] | None = None, storage: Storage | None = None) -> int:
     """Run the CLI; ``storage`` replaces the daemon's write layer (fault-injection tests)."""
     parser = argparse.ArgumentParser(prog="ckptd", description="Asynchronous checkpoint daemon for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"ckptd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the daemon")
@@ -58,25 +56,81 @@ def main(argv: list[str] | None = None, storage: Storage | None = None) -> int:
     serve.add_argument("--detach", action="store_true", help="fork into the background once listening")
 
     ls = sub.add_parser("ls", help="list runs and committed steps")
-    ls.add_argument("root", type=Path)
+    ls.add_argument(
+        "root",
+        type=Path,
+        nargs="?",
+        default=None,
+        help="checkpoint root (default $CKPTD_ROOT or ./checkpoints)",
+    )
     ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.add_argument(
+        "--no-verify", action="store_true", help="do not hash each run's LATEST step (manifests only)"
+    )
 
     verify = sub.add_parser("verify", help="check every checksum of a checkpoint")
-    verify.add_argument("path", type=Path, help="a step directory, or a run directory (its newest step)")
+    verify.add_argument(
+        "path", type=Path, help="a step directory, a run directory (its newest step) or a root (every run)"
+    )
+    verify.add_argument("--all", action="store_true", help="every committed step, not only the newest")
 
     status = sub.add_parser("status", help="what the daemon is doing")
-    status.add_argument("--socket", type=Path, default=None)
+    status.add_argument("--socket", type=Path, default=None, help="Unix socket (default $CKPTD_SOCKET)")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.add_argument("--watch", type=float, default=None, metavar="SECONDS", help="refresh every SECONDS")
 
+    stop = sub.add_parser("stop", help="stop the daemon: drain in-flight snapshots, then exit")
+    stop.add_argument("--socket", type=Path, default=None, help="Unix socket (default $CKPTD_SOCKET)")
+    stop.add_argument("--now", action="store_true", help="exit at once; in-flight snapshots fail")
+    stop.add_argument(
+        "--timeout",
+        type=float,
+        default=cli_daemon.STOP_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"how long to wait for the daemon to exit (default {cli_daemon.STOP_TIMEOUT_S:g})",
+    )
+
+    prune = sub.add_parser("prune", help="remove all but the newest committed steps of a run")
+    prune.add_argument("run_dir", type=Path)
+    prune.add_argument("--keep-last", type=int, required=True, help="committed steps kept (LATEST's always)")
+
+    rm = sub.add_parser("rm", help="remove one committed step")
+    rm.add_argument("step_dir", type=Path)
+    rm.add_argument("--latest-too", action="store_true", help="also when LATEST names it")
+
+    export = sub.add_parser("export", help="write a step's model as a plain save_pretrained directory")
+    export.add_argument("step_dir", type=Path, help="a step directory, or a run directory (its newest step)")
+    export.add_argument("out_dir", type=Path, help="a new (or empty) directory")
+
     args = parser.parse_args(argv)
-    if args.command == "serve":
-        return _serve(args, storage)
-    if args.command == "ls":
-        return _ls(args.root, as_json=args.json)
-    if args.command == "verify":
-        return _verify(args.path)
-    return _status(args.socket, as_json=args.json, watch_s=args.watch)
+    try:
+        code = _run(args, storage)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `ckptd ls | head`: the reader has gone, which is no error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    return code
+
+
+def _run(args: argparse.Namespace, storage: Storage | None) -> int:
+    match args.command:
+        case "serve":
+            return _serve(args, storage)
+        case "ls":
+            return cli_steps.ls(args.root, as_json=args.json, check=not args.no_verify)
+        case "verify":
+            return cli_steps.verify(args.path, every_step=args.all)
+        case "status":
+            return cli_daemon.status(args.socket, as_json=args.json, watch_s=args.watch)
+        case "stop":
+            return cli_daemon.stop(args.socket, now=args.now, timeout_s=args.timeout)
+        case "prune":
+            return cli_steps.prune(args.run_dir, args.keep_last)
+        case "rm":
+            return cli_steps.rm(args.step_dir, latest_too=args.latest_too)
+        case _:
+            return cli_steps.export(args.step_dir, args.out_dir)
 
 
 def _serve(args: argparse.Namespace, storage: Storage | None) -> int:
@@ -84,7 +138,7 @@ def _serve(args: argparse.Namespace, storage: Storage | None) -> int:
 
     try:
         socket_path = args.socket or _default_socket()
-        root = (args.root or Path(os.environ.get("CKPTD_ROOT") or "checkpoints")).absolute()
+        root = (args.root or cli_steps.default_root()).absolute()
         if not args.stage_timeout > 0:
             raise ValueError(f"--stage-timeout must be positive seconds, got {args.stage_timeout}")
         options = DaemonOptions(
@@ -191,111 +245,3 @@ def _detach(log_fd: int | None) -> int:
 
 def _default_socket() -> Path:
     return paths.default_socket()
-
-
-def _ls(root: Path, *, as_json: bool) -> int:
-    if not root.is_dir():
-        print(f"ckptd ls: {root} is not a directory", file=sys.stderr)
-        return 2
-    rows: list[dict[str, object]] = []
-    for run_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        latest = paths.read_latest(run_dir)
-        for step, step_dir in paths.committed_steps(run_dir):
-            row: dict[str, object] = {"run": run_dir.name, "step": step, "path": str(step_dir)}
-            try:
-                m = read_manifest(step_dir)
-                row |= {
-                    "bytes": m.bytes,
-                    "components": [c.name for c in m.components],
-                    "latest": step_dir.name == latest,
-                    "created_unix": m.created_unix,
-                }
-            except ManifestError as e:
-                row |= {"bytes": 0, "components": [], "latest": False, "error": str(e)}
-            rows.append(row)
-    if as_json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    if not rows:
-        print(f"no checkpoints under {root}")
-        return 0
-    print(f"{'RUN':<20} {'STEP':>10} {'SIZE':>10}  {'COMPONENTS':<30} NOTE")
-    for r in rows:
-        note = "LATEST" if r["latest"] else ("NOT A CHECKPOINT: " + str(r["error"]) if "error" in r else "")
-        size = format_size(r["bytes"]) if isinstance(r["bytes"], int) else "?"
-        components = ",".join(map(str, r["components"])) if isinstance(r["components"], list) else ""
-        print(f"{r['run']!s:<20} {r['step']!s:>10} {size:>10}  {components:<30} {note}")
-    return 0
-
-
-def _verify(path: Path) -> int:
-    steps = [] if os.path.lexists(path / MANIFEST_NAME) else paths.committed_steps(path)
-    if steps:
-        step_dir = steps[-1][1]  # a run: its highest step, even if its manifest is what broke
-    else:
-        try:
-            step_dir = reading.resolve(path)
-        except FileNotFoundError as e:
-            print(f"ckptd verify: {e}", file=sys.stderr)
-            return 2
-    problems = reading.verify(step_dir)
-    if problems:
-        for p in problems:
-            print(f"FAIL {p}")
-        print(f"{step_dir}: {len(problems)} problem(s)")
-        return 1
-    print(f"OK {step_dir}")
-    return 0
-
-
-def _status(socket_path: Path | None, *, as_json: bool, watch_s: float | None) -> int:
-    from ckptd.protocol import StatusRequest
-    from client.channel import Channel
-    from client.errors import CheckpointError
-
-    path = socket_path or _default_socket()
-    try:
-        channel = Channel.open(path)
-    except (OSError, CheckpointError) as e:
-        print(f"ckptd status: no daemon answers on {path} ({e})", file=sys.stderr)
-        return 1
-    try:
-        while True:
-            reply = channel.call(StatusRequest())
-            if not isinstance(reply, StatusReply):
-                print(f"ckptd status: unexpected reply {reply.kind}", file=sys.stderr)
-                return 1
-            if as_json:
-                print(reply.model_dump_json(indent=2))
-            else:
-                if watch_s is not None:
-                    print("\033[H\033[J", end="")  # clear the terminal between refreshes
-                _print_status(reply)
-            if watch_s is None:
-                return 0
-            time.sleep(watch_s)
-    except CheckpointError as e:
-        print(f"ckptd status: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        channel.close()
-
-
-def _print_status(reply: StatusReply) -> None:
-    print(
-        f"ckptd pid {reply.pid}  root {reply.root}  up {reply.uptime_s:.0f}s  clients {reply.clients}  "
-        f"arenas {reply.arenas} ({format_size(reply.arena_bytes)})"
-    )
-    print(f"committed {reply.committed}  failed {reply.failed}  written {format_size(reply.bytes_written)}")
-    if not reply.jobs:
-        print("no snapshots in flight")
-    for j in reply.jobs:
-        frac = j.bytes_written / j.bytes if j.bytes else 1.0
-        bar = "#" * int(frac * 20)
-        rate = format_size(int(j.bytes_written / j.age_s)) + "/s" if j.age_s > 0 else "-"
-        print(
-            f"  {j.run} step {j.step:<8} {j.stage:<9} [{bar:<20}] {frac:5.1%} of {format_size(j.bytes)}"
-            f"  {rate}  {j.age_s:.1f}s"
-        )

@@ -99,6 +99,7 @@ def write_shard(
     *,
     direct: bool = False,
     ready: Callable[[int], None] | None = None,
+    written: Callable[[int], None] | None = None,
 ) -> FileRecord:
     """Write header then data through this thread's chunk buffer and fsync.
 
@@ -111,7 +112,9 @@ def write_shard(
     tail a multiple of ``DIRECT_ALIGN``): about half the CPU, no page cache, and on the
     development VM a slower device; where the filesystem refuses ``O_DIRECT`` the same loop
     writes buffered. ``ready(end)``, when given, is called before ``data[:end]`` is first read
-    and blocks until the client has copied that far (a streamed snapshot).
+    and blocks until the client has copied that far (a streamed snapshot). ``written(n)``, when
+    given, is called after each chunk is written with the bytes of ``data`` written so far (the
+    progress ``ckptd status`` shows moves with every chunk, not only per shard).
     """
     h = checksum.new()
     fd = storage.create(path)
@@ -133,9 +136,13 @@ def write_shard(
                     h.update(buf)
                     writer.write(buf)
                     fill = 0
+                    if written is not None:
+                        written(max(0, writer.offset - len(header)))
         tail = buf[:fill]
         h.update(tail)
         writer.write_last(tail)
+        if written is not None:
+            written(len(data))
         storage.fsync(fd)
         with contextlib.suppress(OSError):  # a hint: the shard is durable either way
             storage.drop_cache(fd)
@@ -261,12 +268,23 @@ def apply_retention(storage: Storage, run_dir: Path, keep_last: int, newest: Pat
     steps = [p for _, p in paths.committed_steps(run_dir)]
     latest = paths.read_latest(run_dir)
     keep = set(steps[-keep_last:]) | {newest} | ({run_dir / latest} if latest else set())
+    return remove_steps(storage, run_dir, [p for p in steps if p not in keep])
+
+
+def remove_steps(storage: Storage, run_dir: Path, steps: list[Path]) -> list[Path]:
+    """Delete these step directories of ``run_dir``; the ones removed (one already gone, by a
+    concurrent prune, is skipped). Each is renamed to a temp name before it is deleted, so a
+    half-deleted directory never looks like a checkpoint (the daemon's ``--keep-last``, ``ckptd
+    prune`` and ``ckptd rm`` all delete through here)."""
     removed, doomed = [], []
     for p in steps:
-        if p not in keep:
-            doomed.append(run_dir / f"{p.name}{paths.TEMP_MARKER}pruned-{secrets.token_hex(4)}")
+        doomed.append(run_dir / f"{p.name}{paths.TEMP_MARKER}pruned-{secrets.token_hex(4)}")
+        try:
             storage.rename(p, doomed[-1])
-            removed.append(p)
+        except FileNotFoundError:
+            doomed.pop()
+            continue
+        removed.append(p)
     if not removed:
         return []
     # The renames must be durable before any content goes, or a power cut could bring back a

@@ -6,8 +6,8 @@ Tensor bytes never travel here: they sit in memfd arenas whose descriptors are p
 the ``RegisterArena`` frame, as SCM_RIGHTS ancillary data. Nothing is pickled.
 
 Client → daemon: Hello, RegisterArena (+ fd), RegisterLayout, Snapshot, Staged, Abandon,
-ReleaseArena, StatusRequest.
-Daemon → client: Welcome, Accepted, Progress, Committed, Failed, StatusReply, Heartbeat.
+ReleaseArena, StatusRequest, StopRequest.
+Daemon → client: Welcome, Accepted, Progress, Committed, Failed, StatusReply, Heartbeat, Stopping.
 A snapshot's slot in its arena is free again once its Committed or Failed arrives.
 
 After its Welcome, the daemon's event loop sends every connection a ``Heartbeat`` about once a
@@ -43,7 +43,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 #: Largest frame either side accepts; a 20,000-tensor snapshot request is a few MB.
 MAX_FRAME_BYTES = 64 * 2**20
 #: A layout whose components serialize to more than this is sent in parts of at most
@@ -68,6 +68,8 @@ class Hello(Message):
     # Names this connection in StatusReply.connections, so a client that lost it can tell when
     # the daemon has read everything it sent there (a lost snapshot's slot is free only then).
     token: str = ""
+    # An operator's connection (``ckptd status``, ``ckptd stop``) is not counted as a client.
+    role: Literal["client", "operator"] = "client"
 
 
 class RegisterArena(Message):
@@ -147,8 +149,25 @@ class StatusRequest(Message):
     kind: Literal["status"] = "status"
 
 
+class StopRequest(Message):
+    """Stop the daemon (``ckptd stop``): stop accepting, drain in-flight snapshots, exit; with
+    ``now``, exit at once (in-flight snapshots fail, their temp directories are swept at the next
+    start). Answered with ``Stopping``; the connection then stays open until the drain is over."""
+
+    kind: Literal["stop"] = "stop"
+    now: bool = False
+
+
 ClientMessage = Annotated[
-    Hello | RegisterArena | RegisterLayout | ReleaseArena | Snapshot | Staged | Abandon | StatusRequest,
+    Hello
+    | RegisterArena
+    | RegisterLayout
+    | ReleaseArena
+    | Snapshot
+    | Staged
+    | Abandon
+    | StatusRequest
+    | StopRequest,
     Field(discriminator="kind"),
 ]
 
@@ -239,8 +258,17 @@ class Heartbeat(Message):
     jobs: list[JobProgress]
 
 
+class Stopping(Message):
+    """The daemon took a ``StopRequest``: ``in_flight`` snapshots are drained before it exits."""
+
+    kind: Literal["stopping"] = "stopping"
+    pid: int
+    in_flight: int
+
+
 DaemonMessage = Annotated[
-    Welcome | Accepted | Progress | Committed | Failed | StatusReply | Heartbeat, Field(discriminator="kind")
+    Welcome | Accepted | Progress | Committed | Failed | StatusReply | Heartbeat | Stopping,
+    Field(discriminator="kind"),
 ]
 
 _client_adapter: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)

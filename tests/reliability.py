@@ -41,6 +41,7 @@ FILES = [
     "tests/test_bad_tensors.py",
     "tests/test_handoff_faults.py",
     "tests/test_layout_limits.py",
+    "tests/test_operator_cli.py",
 ]
 
 
@@ -366,6 +367,28 @@ SCENARIOS = [
         "step 1 bit-exact; a step whose shards each fit the (patched) memory bound but together do "
         "not: `load` raises `CheckpointTooLarge` naming the total, the bound and safe_open.",
         r"test_hostile_files\.py::test_(huge_sparse_index|shard_with_sparse_bytes|step_whose_shards)",
+    ),
+    Scenario(
+        "Operator commands: stop, prune, rm, export, ls, verify",
+        "The venv's `ckptd` script against real daemons: `stop` (found by $CKPTD_SOCKET) drains a "
+        "slow (`slow:0.3`) 24 MiB snapshot, which loads bit-exact, and waits until the daemon has "
+        "exited; `stop --now` exits at once, nothing committed, the temp directory swept at the next "
+        "start; a `hang-write` drain makes `stop --timeout 2` fail naming the pid; `prune --keep-last` "
+        "keeps the newest steps and LATEST's, never a temp directory; `rm` refuses LATEST's step "
+        "(unless `--latest-too`, which moves LATEST back), a temp directory, a step without a manifest "
+        "and a symlink; `export` of a tied GPT-2 (one shard and several) loads with `from_pretrained` "
+        "bit-exact and still tied, and refuses a corrupt shard leaving nothing; `ls` defaults to "
+        "$CKPTD_ROOT/./checkpoints, flags a LATEST that does not verify, prints no traceback into "
+        "`head`; `verify ROOT` checks every run.",
+        r"test_operator_cli\.py::test_(version|stop|prune|rm|export|ls|verify)",
+    ),
+    Scenario(
+        "Status progress of a one-shard snapshot mid-write",
+        "`slow:0.4` makes each 4 MiB chunk of one 24 MiB shard take 0.4 s: `ckptd status --watch` "
+        "into a pipe shows bytes written strictly between 0 and the total, in whole chunks as they "
+        "reach the file, a partial percentage in text mode, no terminal control codes, and "
+        "`clients` 1 (the status command is not counted).",
+        r"test_operator_cli\.py::test_status",
     ),
 ]
 

@@ -51,6 +51,7 @@ from ckptd.protocol import (
     Snapshot,
     Staged,
     StatusRequest,
+    StopRequest,
     decode_client,
     encode,
 )
@@ -114,6 +115,7 @@ class Connection:
         self._queued = 0
         self._hello = False
         self.token = ""  # the client's name for this connection (Hello.token)
+        self.operator = False  # ``ckptd status``/``stop``: not counted as a client
         self._pending = 0  # bytes of an unfinished frame, counted in daemon.pending_frame_bytes
         self.closed = False
         self.writer = asyncio.create_task(self._write_loop(), name=f"ckptd-conn-{peer_pid}-writer")
@@ -285,6 +287,8 @@ class Connection:
                     job.abandon("its client abandoned it")
             case StatusRequest():
                 self.send(self.daemon.status())
+            case StopRequest():
+                self.send(self.daemon.request_stop(now=msg.now, by_pid=self.peer_pid))
 
     def _on_hello(self, msg: Hello) -> None:
         if msg.version != PROTOCOL_VERSION:
@@ -304,6 +308,7 @@ class Connection:
             return
         self._hello = True
         self.token = msg.token
+        self.operator = msg.role == "operator"
         self._hello_timer.cancel()
         self.send(self.daemon.welcome())
 

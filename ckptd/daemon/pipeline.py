@@ -380,16 +380,18 @@ class Pipeline:
     def _write_one(self, job: Job, path: Path, header: bytes, data: memoryview, offset: int) -> FileRecord:
         nbytes = len(data)
 
-        def ready(end: int) -> None:
-            # Called before each chunk is read, once the chunks before it are written: the
-            # progress heartbeats report (to a chunk), so a long shard on a slow disk is seen moving.
-            job.note_written(offset, end)
+        def ready(end: int) -> None:  # a streamed snapshot: wait for the client's copy
             if not job.complete:
                 job.wait_ready(offset + end)
 
+        def written(done: int) -> None:
+            # After each chunk is written: the progress heartbeats and ``ckptd status`` report
+            # moves with the bytes on disk, so a long shard on a slow disk is seen moving.
+            job.note_written(offset, done)
+
         with data:
             record = commit.write_shard(
-                self.storage, path, header, data, direct=self.options.direct_io, ready=ready
+                self.storage, path, header, data, direct=self.options.direct_io, ready=ready, written=written
             )
         job.note_written(offset, nbytes, finished=True)
         return record

@@ -34,7 +34,7 @@ from ckptd.daemon.metrics import Metrics, serve_metrics
 from ckptd.daemon.notify import Notifier
 from ckptd.daemon.pipeline import STAGE_TIMEOUT_S, Pipeline, PipelineOptions
 from ckptd.daemon.rootguard import CHECK_INTERVAL_S, RootGone, RootGuard
-from ckptd.protocol import PROTOCOL_VERSION, StatusReply, Welcome
+from ckptd.protocol import PROTOCOL_VERSION, StatusReply, Stopping, Welcome
 from ckptd.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class Daemon:
         self.metrics.gauges.update(
             snapshots_in_flight=lambda: self.pipeline.in_flight,
             arena_bytes=lambda: sum(a.size for c in self._connections for a in c.arenas.values()),
-            clients=lambda: len(self._connections),
+            clients=self.clients,
         )
         self._metrics_server: asyncio.Server | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -208,7 +208,7 @@ class Daemon:
         while True:
             self.notifier.watchdog()
             self.notifier.status(
-                f"{len(self._connections)} clients, {self.pipeline.in_flight} snapshots in flight, "
+                f"{self.clients()} clients, {self.pipeline.in_flight} snapshots in flight, "
                 f"{self.metrics.committed} committed"
             )
             await asyncio.sleep(interval_s)
@@ -223,6 +223,24 @@ class Daemon:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def request_stop(self, *, now: bool, by_pid: int) -> Stopping:
+        """``ckptd stop``: drain, then exit, as on SIGTERM; with ``now``, exit at once (as on a
+        second signal: in-flight snapshots fail, their temp directories are swept at the next
+        start). The reply is written before the process exits."""
+        reply = Stopping(pid=os.getpid(), in_flight=self.pipeline.in_flight)
+        if now:
+            log.warning(
+                "ckptd stop --now from pid %s: exiting without draining %s snapshots", by_pid, reply.in_flight
+            )
+            if self._listener is not None and self._sock_dir_fd is not None:
+                with contextlib.suppress(OSError):  # no stale socket left behind
+                    os.unlink(self.options.socket_path.name, dir_fd=self._sock_dir_fd)
+            asyncio.get_running_loop().call_later(0.2, os._exit, 0)  # the reply goes out first
+        else:
+            log.info("ckptd stop from pid %s: draining %s in-flight snapshots", by_pid, reply.in_flight)
+            self._stop.set()
+        return reply
 
     @property
     def stopping(self) -> bool:
@@ -273,6 +291,10 @@ class Daemon:
     def connections(self) -> list[Connection]:
         return list(self._connections)
 
+    def clients(self) -> int:
+        """Connections of training processes (an operator's ``ckptd status`` is not one)."""
+        return sum(1 for c in self._connections if not c.operator)
+
     def welcome(self) -> Welcome:
         return Welcome(
             version=PROTOCOL_VERSION,
@@ -289,7 +311,7 @@ class Daemon:
             pid=os.getpid(),
             root=str(self.options.root),
             uptime_s=round(time.monotonic() - self._started, 3),
-            clients=len(self._connections),
+            clients=self.clients(),
             arenas=len(arenas),
             arena_bytes=sum(a.size for a in arenas),
             committed=self.metrics.committed,
