@@ -1,9 +1,9 @@
-"""Run the ```python examples of one markdown file, in order, as a reader would: ``doc_harness.py
-FILE.md`` (run by ``tests/test_doc_examples.py`` in a fresh directory, with ``CKPTD_SOCKET`` and
-``CKPTD_ROOT`` naming a daemon of its own).
+"""Run the ```python examples of one section (``## Title``) of a markdown file, in order, as a
+reader would: ``doc_harness.py FILE.md "Title"`` (run by ``tests/test_doc_examples.py`` in a fresh
+directory, with ``CKPTD_SOCKET`` and ``CKPTD_ROOT`` naming a daemon of its own for each section).
 
-The examples share one namespace, so a later example may use what an earlier one made
-(``trainer``, ``ckpt``). Names an example uses that the documentation leaves to the reader (its
+The examples of a section share one namespace, so a later example may use what an earlier one
+made (``trainer``, ``ckpt``). Names an example uses that the documentation leaves to the reader (its
 model, optimizer, data, ``train_step``, ...) come from ``SUPPLIED``, made afresh for each example
 that mentions them: a tiny GPT-2 as ``model`` (a Hugging Face model that ``from_pretrained``
 loads), or a tiny LightningModule when the example imports ``lightning``.
@@ -23,21 +23,26 @@ from pathlib import Path
 from typing import Any
 
 FENCE = re.compile(r"^```python\s*$")
+SECTION = re.compile(r"^##\s+(.*?)\s*$")
 SKIP = re.compile(r"^<!--\s*doc-test:\s*skip\b.*-->\s*$")
 
 
 @dataclass(frozen=True)
 class Example:
     where: str  # FILE.md:LINE of the opening fence
+    section: str  # the title of the ``##`` section it is in ("" before the first)
     code: str
     skipped: bool
 
 
 def examples(markdown: Path) -> Iterator[Example]:
     lines = markdown.read_text().splitlines()
+    section = ""
     i = 0
     while i < len(lines):
-        if FENCE.match(lines[i]):
+        if m := SECTION.match(lines[i]):
+            section = m.group(1)
+        elif FENCE.match(lines[i]):
             start = i
             i += 1
             body: list[str] = []
@@ -45,7 +50,11 @@ def examples(markdown: Path) -> Iterator[Example]:
                 body.append(lines[i])
                 i += 1
             skipped = start > 0 and bool(SKIP.match(lines[start - 1]))
-            yield Example(f"{markdown.name}:{start + 1}", "\n".join(body) + "\n", skipped)
+            yield Example(f"{markdown.name}:{start + 1}", section, "\n".join(body) + "\n", skipped)
+        elif lines[i].startswith("```"):  # another language's block: skip to its end
+            i += 1
+            while i < len(lines) and not lines[i].startswith("```"):
+                i += 1
         i += 1
 
 
@@ -180,7 +189,7 @@ SUPPLIED: dict[str, Callable[[Supplies], Any]] = {
     "model": lambda s: s.get("MyModule")() if s.lightning else _tiny_gpt2(),
     "optimizer": _optimizer,
     "batch": _batch,
-    "steps": lambda s: 1000,
+    "steps": lambda s: 501,  # "Using it": steps 0 and 500, then (rerun) 1000
     "train_step": lambda s: _train_step,
     "train_dataset": lambda s: _Tokens(),
     "train_loader": lambda s: _train_loader(),
@@ -188,9 +197,11 @@ SUPPLIED: dict[str, Callable[[Supplies], Any]] = {
 }
 
 
-def run(markdown: Path) -> int:
+def run(markdown: Path, section: str) -> int:
     namespace: dict[str, Any] = {"__name__": "__main__"}
     for ex in examples(markdown):
+        if ex.section != section:
+            continue
         if ex.skipped:
             sys.stdout.write(f"doc-test: {ex.where} skipped (marked)\n")
             continue
@@ -208,4 +219,4 @@ def run(markdown: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(Path(sys.argv[1])))
+    sys.exit(run(Path(sys.argv[1]), sys.argv[2]))

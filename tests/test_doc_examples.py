@@ -25,22 +25,29 @@ from conftest import DaemonProc
 from client import CheckpointError, Client, SnapshotHandle
 
 REPO = Path(__file__).resolve().parent.parent
+HARNESS = REPO / "tests" / "doc_harness.py"
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-RUNS = {"README.md": 2}  # copy-and-rerun: the second run must work too
+RUNS = {("README.md", "Using it"): 2}  # copy-and-rerun: the second run must work too
 TIMEOUT_S = 900
 
-
-def _examples_of(md: Path) -> int:
-    sys.path.insert(0, str(REPO / "tests"))
-    from doc_harness import examples
-
-    return sum(1 for _ in examples(md))
+sys.path.insert(0, str(REPO / "tests"))
+from doc_harness import examples  # noqa: E402
 
 
-@pytest.mark.parametrize("md", [d for d in DOCS if _examples_of(d)], ids=lambda p: p.name)
-def test_doc_examples_run(
-    md: Path, workdir: Path, start_daemon: Callable[..., DaemonProc], record_property: Callable[..., None]
-) -> None:
+def sections() -> list[tuple[Path, str]]:
+    """Every (markdown file, ``##`` section) with a python example, in document order."""
+    found: dict[tuple[Path, str], None] = {}
+    for md in DOCS:
+        for ex in examples(md):
+            found[(md, ex.section)] = None
+    return list(found)
+
+
+def run_section(
+    md: Path, section: str, workdir: Path, start_daemon: Callable[..., DaemonProc], runs: int
+) -> list[str]:
+    """Run the section's examples ``runs`` times in one fresh directory with a daemon of its own
+    (root ``./checkpoints``); returns each run's stdout."""
     cwd = workdir / "reader"
     cwd.mkdir()
     d = start_daemon(root=cwd / "checkpoints", sock=workdir / "s.sock")
@@ -50,10 +57,10 @@ def test_doc_examples_run(
         "CKPTD_ROOT": str(d.root),
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
     }
-    runs = RUNS.get(md.name, 1)
+    outs = []
     for n in range(runs):
         proc = subprocess.run(
-            [sys.executable, str(REPO / "tests" / "doc_harness.py"), str(md)],
+            [sys.executable, str(HARNESS), str(md), section],
             check=False,
             cwd=cwd,
             env=env,
@@ -62,42 +69,35 @@ def test_doc_examples_run(
             timeout=TIMEOUT_S,
         )
         out = proc.stdout + proc.stderr
-        assert proc.returncode == 0, f"{md.name}, run {n + 1} of {runs}:\n{out[-6000:]}"
+        assert proc.returncode == 0, f"{md.name} {section!r}, run {n + 1} of {runs}:\n{out[-6000:]}"
         assert "Traceback" not in proc.stderr, out[-6000:]
+        outs.append(proc.stdout)
+    return outs
+
+
+@pytest.mark.parametrize(("md", "section"), sections(), ids=[f"{m.name}#{s}" for m, s in sections()])
+def test_doc_examples_run(
+    md: Path,
+    section: str,
+    workdir: Path,
+    start_daemon: Callable[..., DaemonProc],
+    record_property: Callable[..., None],
+) -> None:
+    runs = RUNS.get((md.name, section), 1)
+    run_section(md, section, workdir, start_daemon, runs)
     record_property("runs", runs)
 
 
 def test_the_readme_example_resumes_when_rerun(
     workdir: Path, start_daemon: Callable[..., DaemonProc]
 ) -> None:
-    """The "Using it" example twice: the second run restores step 500 and saves 1000 and 1500;
-    its callback prints where each step is durable."""
-    cwd = workdir / "reader"
-    cwd.mkdir()
-    d = start_daemon(root=cwd / "checkpoints", sock=workdir / "s.sock")
-    readme = REPO / "README.md"
-    text = readme.read_text()
-    using = text[text.index("## Using it") :]
-    only = cwd / "using.md"
-    only.write_text(using[: using.index("```", using.index("```python") + 3) + 3] + "\n")
-    env = {**os.environ, "CKPTD_SOCKET": str(d.socket), "CKPTD_ROOT": str(d.root), "PYTHONPATH": str(REPO)}
-    outs = []
-    for _ in range(2):
-        proc = subprocess.run(
-            [sys.executable, str(REPO / "tests" / "doc_harness.py"), str(only)],
-            check=False,
-            cwd=cwd,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT_S,
-        )
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        outs.append(proc.stdout)
-    steps = cwd / "checkpoints" / "default"
-    assert sorted(p.name for p in steps.glob("step-*")) == [f"step-{s:06d}" for s in (0, 500, 1000, 1500)]
+    """README "Using it" twice (``steps`` = 501): the second run restores step 500 and saves
+    1000; the callback prints where each step is durable."""
+    outs = run_section(REPO / "README.md", "Using it", workdir, start_daemon, runs=2)
+    steps = workdir / "reader" / "checkpoints" / "default"
+    assert sorted(p.name for p in steps.glob("step-*")) == [f"step-{s:06d}" for s in (0, 500, 1000)]
     assert f"step 500: durable at {steps / 'step-000500'}" in outs[0]
-    assert f"step 1500: durable at {steps / 'step-001500'}" in outs[1]
+    assert f"step 1000: durable at {steps / 'step-001000'}" in outs[1]
 
 
 # --- the observation rule the example's callback relies on -------------------------------------

@@ -16,7 +16,12 @@ plugin snapshots the checkpoint to ckptd as step ``checkpoint["global_step"]`` o
 of Lightning that looks at files (``ckpt_path="last"``, ``save_last="link"``, top-k bookkeeping)
 keeps working. Two Lightning paths saved at the same global step (``last.ckpt`` and the top-k file,
 or two ``ModelCheckpoint`` callbacks) share one ckptd checkpoint: the first save's content. A step
-already committed by an earlier process is refused (use another ``run``).
+already committed by an earlier process (resuming an older step into the same run) is kept, not
+saved again and no pointer written, with one warning for all such steps (to save them, use another
+``run``); training carries on and later steps are saved.
+
+**Loading without a Trainer**: ``load_from_checkpoint(MyModule, path)`` (Lightning's own
+``MyModule.load_from_checkpoint`` reads the path with ``torch.load``, which cannot read a pointer).
 
 **The checkpoint dict** is stored as three top-level entries:
 
