@@ -35,7 +35,7 @@ class SnapshotHandle:
     """A snapshot on its way to disk.
 
     >>> handle = client.snapshot(model, step=100)      # doctest: +SKIP
-    >>> handle.add_done_callback(lambda h: print(h.path))  # doctest: +SKIP
+    >>> handle.add_done_callback(lambda h: print(h.error or h.path))  # doctest: +SKIP
     >>> info = handle.wait()                            # or: await handle.done()  # doctest: +SKIP
     """
 
