@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 #: Seconds a reconnection waits for the hello of a daemon that is listening: a live one answers
 #: at once (its event loop never blocks for long); a stopped one must not hold training longer.
 RECONNECT_HELLO_S = 10.0
+# How long close() lets done callbacks still running look at their failure before raising it.
+_CALLBACK_SETTLE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -669,12 +671,27 @@ class Client:
         self._raise_unobserved(taken=handle)
         return handle
 
-    def _raise_unobserved(self, taken: SnapshotHandle | None = None) -> SnapshotHandle | None:
+    def _raise_unobserved(
+        self, taken: SnapshotHandle | None = None, settle_s: float | None = None
+    ) -> SnapshotHandle | None:
         """Raise the failures nobody looked at, once, all in one error (``taken``, the snapshot
-        just taken, is not one of them and rides on the error as ``handle``); else ``taken``."""
+        just taken, is not one of them and rides on the error as ``handle``); else ``taken``.
+
+        A failed snapshot whose done callbacks are still running is left for later (a callback
+        may read its ``error``), unless ``settle_s`` is given: then they get that long, and what
+        is still unobserved after it is raised (``close()``: nothing comes later)."""
+        if settle_s is not None:
+            deadline = now() + settle_s
+            for h in list(self._handles):
+                if h.done_now():
+                    h._settled.wait(max(0.0, deadline - now()))
+
+        def finished(h: SnapshotHandle) -> bool:
+            return h._settled.is_set() or (settle_s is not None and h.done_now())
+
         with self._lock:
-            done = [h for h in self._handles if h.done_now() and h is not taken]
-            self._handles = [h for h in self._handles if not h.done_now() or h is taken]
+            done = [h for h in self._handles if finished(h) and h is not taken]
+            self._handles = [h for h in self._handles if not finished(h) or h is taken]
         failed = [(h, err) for h in done if (err := h._unobserved_error()) is not None]
         if failed:
             first = failed[0][1]
@@ -722,7 +739,7 @@ class Client:
             self._slots.close()
             if self._channel is not None:
                 self._channel.close()
-        self._raise_unobserved()
+        self._raise_unobserved(settle_s=_CALLBACK_SETTLE_S)
 
     def _stop_waiting(self, why: str, *, observed: bool) -> None:
         """Fail the snapshots still pending at ``close()``: handed over, maybe committed later."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
 import threading
 import time
@@ -36,7 +35,7 @@ class SnapshotHandle:
     """A snapshot on its way to disk.
 
     >>> handle = client.snapshot(model, step=100)      # doctest: +SKIP
-    >>> handle.add_done_callback(lambda h: print(h.path))  # doctest: +SKIP
+    >>> handle.add_done_callback(lambda h: print(h.error or h.path))  # doctest: +SKIP
     >>> info = handle.wait()                            # or: await handle.done()  # doctest: +SKIP
     """
 
@@ -53,6 +52,9 @@ class SnapshotHandle:
         self._future.set_running_or_notify_cancel()
         self._staged = threading.Event()  # also set when it fails: nobody waits on a dead snapshot
         self._copied = threading.Event()  # only once no copy into its slot can still be running
+        # Set once the outcome is set and the done callbacks added so far have run: a callback
+        # that reads ``error`` has then had its chance to observe the failure.
+        self._settled = threading.Event()
         self._observed = False
 
     # --- for users -------------------------------------------------------------------------------
@@ -72,6 +74,8 @@ class SnapshotHandle:
 
     @property
     def error(self) -> CheckpointError | None:
+        """The failure, once failed (None while pending or when committed). Reading it counts as
+        having seen the failure: the next ``snapshot()`` does not raise it again."""
         if not self._future.done():
             return None
         self._observed = True
@@ -101,8 +105,9 @@ class SnapshotHandle:
 
     def add_done_callback(self, fn: Callable[[SnapshotHandle], object]) -> None:
         """Call ``fn(handle)`` once committed or failed, on the client's I/O thread (or at once
-        if already done). A callback sees failures through ``handle.error``."""
-        self._observed = True
+        if already done). A callback sees failures through ``handle.error``; attaching one does
+        not count as seeing a failure: unless ``fn`` (or anyone) reads ``error`` or calls
+        ``wait()`` or ``done()``, the next ``snapshot()`` raises it."""
 
         def call(_: object) -> None:
             try:
@@ -130,19 +135,26 @@ class SnapshotHandle:
     # first wins: a late one must not raise in the thread that reports the others.
 
     def _commit(self, info: CommitInfo) -> None:
-        with contextlib.suppress(InvalidStateError):
-            self._future.set_result(info)
+        try:
+            self._future.set_result(info)  # runs the done callbacks in this thread
+        except InvalidStateError:
+            return  # another thread won; it sets _settled once its callbacks ran
+        self._settled.set()
 
     def _fail(self, error: CheckpointError) -> None:
         self._staged.set()
-        with contextlib.suppress(InvalidStateError):
+        try:
             self._future.set_exception(error)
+        except InvalidStateError:
+            return
+        self._settled.set()
 
     def _skip(self) -> None:
         self.skipped = True
         self._observed = True
         self._staged.set()
         self._future.set_result(None)
+        self._settled.set()
 
     def _unobserved_error(self) -> CheckpointError | None:
         """A failure nobody has looked at yet, marked as seen."""

@@ -42,6 +42,8 @@ FILES = [
     "tests/test_handoff_faults.py",
     "tests/test_layout_limits.py",
     "tests/test_operator_cli.py",
+    "tests/test_lightning_expectations.py",
+    "tests/test_doc_examples.py",
 ]
 
 
@@ -389,6 +391,22 @@ SCENARIOS = [
         "reach the file, a partial percentage in text mode, no terminal control codes, and "
         "`clients` 1 (the status command is not counted).",
         r"test_operator_cli\.py::test_status",
+    ),
+    Scenario(
+        "Lightning: load_from_checkpoint and resuming an older step into the same run",
+        "Real Lightning Trainers on the CPU with `CkptdCheckpointIO`: a pointer loads with "
+        "`load_from_checkpoint(Module, path)` (no daemon; hyper-parameters, weights bit-identical); "
+        "a training resumed from step 4 into a run that has steps up to 8 skips 6 and 8 with one "
+        "warning, keeps them byte-identical and saves 10 and 12; the same for the HF Trainer.",
+        r"test_lightning_expectations\.py::",
+    ),
+    Scenario(
+        "Every documented example runs; a done callback does not hide a failure",
+        "Each ```python block of README.md and docs/*.md runs in order in a fresh directory "
+        "against its own daemon (README twice: the rerun resumes); a failed snapshot whose only "
+        "callback read `h.path` is raised by the next `snapshot()` and by `close()`, one whose "
+        "callback read `h.error` is not.",
+        r"test_doc_examples\.py::",
     ),
 ]
 

@@ -24,8 +24,8 @@ pytest.importorskip("lightning")
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from client import CheckpointError, Client
-from client.integrations.lightning import FORMAT, CkptdCheckpointIO, read_pointer
+from client import Client
+from client.integrations.lightning import FORMAT, POINTER_NOTE, CkptdCheckpointIO, read_pointer
 
 Connect = Callable[..., Client]
 pytestmark = [
@@ -128,7 +128,13 @@ def test_fit_save_load_remove_resume(workdir: Path, daemon: Any, connect: Connec
     ]
     assert sorted(p.name for p in (workdir / "newest").iterdir()) == ["epoch=1-step=8.ckpt"]
     pointer = json.loads((workdir / "all" / "epoch=0-step=4.ckpt").read_text())
-    assert pointer == {"format": FORMAT, "root": str(daemon.root), "run": "default", "step": 4}
+    assert pointer == {
+        "format": FORMAT,
+        "root": str(daemon.root),
+        "run": "default",
+        "step": 4,
+        "note": POINTER_NOTE,
+    }
     # Steps 2 and 6 were removed with their pointers; 4 is still named by `every4`.
     run_dir = daemon.root / "default"
     assert sorted(p.name for p in run_dir.glob("step-*")) == ["step-000004", "step-000008"]
@@ -169,10 +175,11 @@ def test_pointer_detection_and_plain_checkpoints(workdir: Path, daemon: Any, con
         {"state_dict": {"w": torch.zeros(2)}, "global_step": 5, "epoch": 0}, workdir / "a.ckpt"
     )
     io.teardown()
-    with pytest.raises(CheckpointError, match="already committed"):
-        CkptdCheckpointIO(connect(daemon)).save_checkpoint(
-            {"state_dict": {}, "global_step": 5}, workdir / "b.ckpt"
-        )
+    # A step an earlier process committed is kept: not saved again, no pointer written.
+    CkptdCheckpointIO(connect(daemon)).save_checkpoint(
+        {"state_dict": {}, "global_step": 5}, workdir / "b.ckpt"
+    )
+    assert not (workdir / "b.ckpt").exists()
     io.remove_checkpoint(plain)
     assert not plain.exists()
     with pytest.raises(TypeError, match="cannot store a object"):

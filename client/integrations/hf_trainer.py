@@ -98,6 +98,7 @@ class CkptdCallback(TrainerCallback):
         self.trainer: Trainer | None = None
         self._resume: _Resume | None = None
         self._last_step: int | None = None
+        self._warned_committed = False  # one warning for all the already-committed steps skipped
 
     # --- wiring ----------------------------------------------------------------------------------
 
@@ -253,9 +254,15 @@ class CkptdCallback(TrainerCallback):
         if (self.client.root / run / paths.step_dirname(step)).exists():
             # Resumed from an older step: an earlier attempt committed this one (ckptd never
             # overwrites a committed step). Keep it rather than fail the training.
-            log.warning(
-                "[run=%s step=%d] already committed by an earlier attempt; not saved again", run, step
-            )
+            if not self._warned_committed:
+                log.warning(
+                    "[run=%s step=%d] already committed by an earlier attempt: not saved again, nor "
+                    "will later steps already committed be (this is the only warning); to save "
+                    "them, resume into a new run: CkptdCallback(run=...)",
+                    run,
+                    step,
+                )
+            self._warned_committed = True
             self._last_step = step
             return
         model = kwargs.get("model")

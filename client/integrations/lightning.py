@@ -16,7 +16,12 @@ plugin snapshots the checkpoint to ckptd as step ``checkpoint["global_step"]`` o
 of Lightning that looks at files (``ckpt_path="last"``, ``save_last="link"``, top-k bookkeeping)
 keeps working. Two Lightning paths saved at the same global step (``last.ckpt`` and the top-k file,
 or two ``ModelCheckpoint`` callbacks) share one ckptd checkpoint: the first save's content. A step
-already committed by an earlier process is refused (use another ``run``).
+already committed by an earlier process (resuming an older step into the same run) is kept, not
+saved again and no pointer written, with one warning for all such steps (to save them, use another
+``run``); training carries on and later steps are saved.
+
+**Loading without a Trainer**: ``load_from_checkpoint(MyModule, path)`` (Lightning's own
+``MyModule.load_from_checkpoint`` reads the path with ``torch.load``, which cannot read a pointer).
 
 **The checkpoint dict** is stored as three top-level entries:
 
@@ -51,12 +56,13 @@ import shutil
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch import LightningModule
 
 from ckptd import paths, reading
 from client.client import Client
@@ -66,9 +72,16 @@ from client.integrations import from_tree, to_tree
 
 log = logging.getLogger(__name__)
 FORMAT = "ckptd-pointer/1"
+#: Written in every pointer, for whoever opens one (torch.load cannot: it is JSON).
+POINTER_NOTE = (
+    "a ckptd pointer, not a torch checkpoint: load it with "
+    "client.integrations.lightning.load_from_checkpoint(YourModule, path), or resume with "
+    "L.Trainer(plugins=[CkptdCheckpointIO()]).fit(..., ckpt_path=path)"
+)
 Policy = Literal["block", "skip", "error"]
 _POINTER_MAX = 64 * 1024
 _Key = tuple[str, str, int]  # (root, run, step)
+_Module = TypeVar("_Module", bound=LightningModule)
 
 
 class CkptdCheckpointIO(CheckpointIO):
@@ -97,6 +110,7 @@ class CkptdCheckpointIO(CheckpointIO):
         self._handles: dict[_Key, SnapshotHandle] = {}
         self._pointers: dict[str, _Key] = {}  # pointer paths written by this plugin
         self._doomed: set[_Key] = set()
+        self._warned_committed = False
 
     @property
     def client(self) -> Client:
@@ -125,11 +139,8 @@ class CkptdCheckpointIO(CheckpointIO):
             handle = None
         if handle is None:
             if (Path(key[0]) / run / paths.step_dirname(key[2])).exists():
-                raise CheckpointError(
-                    f"step {key[2]} of run {run!r} is already committed in {key[0]} (by an earlier "
-                    "training?); give this training its own run: CkptdCheckpointIO(run=...)",
-                    code="exists",
-                )
+                self._skip_committed(key, pointer)
+                return
             handle = client.snapshot(to_snapshot(checkpoint), step=key[2], run=run, policy=self.policy)
             if handle.skipped:
                 log.warning("[run=%s step=%d] not saved (%s): all slots busy", run, key[2], pointer)
@@ -191,6 +202,24 @@ class CkptdCheckpointIO(CheckpointIO):
 
     # --- internals -------------------------------------------------------------------------------
 
+    def _skip_committed(self, key: _Key, pointer: Path) -> None:
+        """A step an earlier training committed (resumed from an older step): kept, not saved
+        again, and no pointer written for it; one warning for all of them."""
+        root, run, step = key
+        if not self._warned_committed:
+            log.warning(
+                "[run=%s step=%d] already committed in %s by an earlier training: not saved again "
+                "(%s not written), nor will later steps already committed be (this is the only "
+                "warning); to save them, give this training its own run: CkptdCheckpointIO(run=...)",
+                run,
+                step,
+                root,
+                pointer,
+            )
+        else:
+            log.info("[run=%s step=%d] already committed: not saved again", run, step)
+        self._warned_committed = True
+
     def _wait(self, key: _Key) -> None:
         handle = self._handles.get(key)
         if handle is not None and not handle.skipped:
@@ -219,6 +248,36 @@ class CkptdCheckpointIO(CheckpointIO):
             self._doomed.discard(key)
             self._handles.pop(key, None)
             _remove_step(run_dir, step)
+
+
+def load_from_checkpoint(
+    cls: type[_Module],
+    checkpoint_path: _PATH,
+    map_location: Any | None = None,
+    strict: bool | None = None,
+    **kwargs: Any,
+) -> _Module:
+    """``cls.load_from_checkpoint(checkpoint_path)`` for a checkpoint saved by ``CkptdCheckpointIO``.
+
+    Lightning's own ``LightningModule.load_from_checkpoint`` reads the path with ``torch.load``
+    and cannot read the plugin's JSON pointer files (``UnpicklingError: invalid load key``). This
+    reads the pointer (or a ckptd step directory, or an ordinary ``.ckpt``) as the plugin's
+    ``load_checkpoint`` does, with no daemon, then builds the module as Lightning does: ``cls``
+    made from the saved ``hyper_parameters`` (``kwargs`` override them), ``on_load_checkpoint``,
+    the weights loaded (``strict``), the module on the weights' device.
+
+    >>> model = load_from_checkpoint(MyModule, "ckpts/epoch=0-step=500.ckpt")  # doctest: +SKIP
+    """
+    from lightning.pytorch.core.saving import _load_state  # what load_from_checkpoint builds with
+
+    checkpoint = CkptdCheckpointIO().load_checkpoint(checkpoint_path, map_location=map_location)
+    checkpoint.setdefault(cls.CHECKPOINT_HYPER_PARAMS_KEY, {}).update(kwargs)
+    model = _load_state(cls, checkpoint, strict=strict, **kwargs)
+    tensors = (t for t in checkpoint.get("state_dict", {}).values() if isinstance(t, torch.Tensor))
+    first = next(tensors, None)
+    if not isinstance(model, cls):
+        raise TypeError(f"{cls.__name__} was built as a {type(model).__name__}")
+    return model if first is None else model.to(first.device)
 
 
 def to_snapshot(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
@@ -265,7 +324,7 @@ def _write_pointer(path: Path, key: _Key) -> None:
     root, run, step = key
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "w") as f:
-        json.dump({"format": FORMAT, "root": root, "run": run, "step": step}, f)
+        json.dump({"format": FORMAT, "root": root, "run": run, "step": step, "note": POINTER_NOTE}, f)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
