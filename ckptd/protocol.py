@@ -43,7 +43,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 #: Largest frame either side accepts; a 20,000-tensor snapshot request is a few MB.
 MAX_FRAME_BYTES = 64 * 2**20
 #: A layout whose components serialize to more than this is sent in parts of at most
@@ -101,6 +101,9 @@ class ComponentEntry(Message):
     name: str
     shards: list[ShardEntry]
     aliases: dict[str, str] = {}  # tied name -> stored name
+    # A Hugging Face model with a config: its directory is laid out as ``save_pretrained`` does.
+    pretrained: bool = False
+    parameters: int | None = None  # a module's parameter count: ``total_parameters`` of its index
 
 
 class RegisterLayout(Message):
@@ -122,7 +125,9 @@ class Snapshot(Message):
     layout: int | None = None  # a registered layout; or None and ``components`` inline
     components: list[ComponentEntry] = []
     tree: JsonValue
-    files: dict[str, str] = {}  # small text files, e.g. config.json
+    # Small text files, e.g. config.json: a plain name is the model's (the top of the step
+    # directory), ``<component>/<name>`` another component's (``layout.small_file``).
+    files: dict[str, str] = {}
     rank: int = 0
     world_size: int = 1
     ready: int | None = None  # bytes of the slot already copied (streamed); None: all of it
@@ -301,6 +306,7 @@ def _layout_parts(layout: int, components: list[dict[str, Any]]) -> Iterator[byt
 
     for c in components:
         piece: dict[str, Any] = {"name": c["name"], "shards": [], "aliases": c.get("aliases", {})}
+        piece.update((k, c[k]) for k in ("pretrained", "parameters") if k in c)  # the first piece's
         part.append(piece)
         for shard in c["shards"]:
             tensors, start = shard["tensors"], 0
