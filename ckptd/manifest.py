@@ -43,10 +43,12 @@ def step_path(path: str) -> str:
     Checked when a manifest is read, so no reader can be sent outside the step directory by one
     (readers also refuse a component directory that is a link)."""
     parts = path.split("/")
-    if len(parts) > 2:
-        raise ValueError(f"file {path!r} is deeper than a component directory of the step directory")
-    for part in parts:
-        plain_name(part)
+    if len(parts) > 2 or not all(parts) or "\x00" in path or {".", ".."} & set(parts):
+        raise ValueError(
+            f"file name {path!r} is not a plain file name in the step directory nor one in a "
+            "component directory (a manifest names its files as 'name' or 'component/name', "
+            "without '..', a leading '/' or NUL)"
+        )
     return path
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptd import checksum, paths, safeio, tree
+from ckptd.layout import MODEL
 from ckptd.manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
@@ -89,6 +90,18 @@ def _check_dirs(step_dir: Path, manifest: Manifest) -> list[str]:
             what = "missing" if found is None else f"{found}, not a directory"
             problems.append(f"{step_dir / d}: component directory is {what}; the step is damaged")
     return problems
+
+
+def model_files(manifest: Manifest) -> list[str]:
+    """The files of a step that ``save_pretrained`` would write for its ``model`` component (its
+    shards, its index, ``config.json`` and the other small files at the top), relative to the
+    step directory, in either format (``ckptd/1`` has the other components' files at the top
+    too: they are left out)."""
+    model = next((c for c in manifest.components if c.name == MODEL), None)
+    others = {c.index for c in manifest.components if c is not model}
+    files = [s.file for s in model.shards] if model is not None else []
+    files += [f.file for f in manifest.files if "/" not in f.file and f.file not in others]
+    return files
 
 
 def _check_file(step_dir: Path, record: FileRecord, *, shard_file: bool) -> list[str]:
