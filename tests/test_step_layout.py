@@ -269,3 +269,25 @@ def test_load_of_a_run_falls_back_past_a_corrupt_newest_step(
     (daemon.root / "default" / "step-000001" / "model.safetensors").write_bytes(b"")
     with pytest.raises(ckptd.CorruptCheckpoint, match=r"no committed checkpoint .* loads"):
         ckptd.load(daemon.root / "default")
+
+
+def test_a_component_directory_replaced_by_a_link_is_corrupt_and_never_followed(
+    daemon: DaemonProc, connect: Connect, workdir: Path
+) -> None:
+    """A component directory is one ckptd made: a symlink in its place (to a copy outside the
+    step, whose files verify) is refused, not read through; the run falls back."""
+    c = connect(daemon)
+    for step in (1, 2):
+        info = c.snapshot(
+            {"model": {"w": torch.full((8,), float(step))}, "extra": {"v": torch.ones(3) * step}}, step=step
+        ).wait(timeout=60)
+        assert info is not None
+    newest = daemon.root / "default" / "step-000002"
+    outside = workdir / "outside-extra"
+    shutil.move(newest / "extra", outside)
+    (newest / "extra").symlink_to(outside)
+    problems = ckptd.verify(newest)
+    assert problems and "component directory is a symlink" in problems[0], problems
+    with pytest.raises(ckptd.CorruptCheckpoint, match="symlink"):
+        ckptd.load(newest)
+    assert torch.equal(ckptd.load(daemon.root / "default")["model"]["w"], torch.full((8,), 1.0))
