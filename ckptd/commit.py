@@ -1,8 +1,9 @@
 """The commit protocol: how a checkpoint becomes visible, in one module. The order matters.
 
-1. Everything is written into ``<root>/<run>/step-<N>.ckptd-tmp-<nonce>/``.
-2. Every file is fsynced as it is finished; the manifest is written last; the directory is
-   fsynced.
+1. Everything is written into ``<root>/<run>/step-<N>.ckptd-tmp-<nonce>/`` (the ``model``
+   component at its top, every other in its subdirectory: ``ckptd.layout``).
+2. Every file is fsynced as it is finished; the component directories are fsynced; the manifest
+   is written last; the step directory is fsynced.
 3. The directory is renamed to ``<root>/<run>/step-<N>/`` and ``<root>/<run>/`` is fsynced.
 4. ``LATEST`` is replaced (temp file, fsync, rename, fsync of the run directory).
 5. Only then retention removes old steps, never the newest committed one nor ``LATEST``'s.
@@ -80,15 +81,24 @@ def stage(storage: Storage, root: Path, run: str, step: int) -> StagedCheckpoint
     return staged
 
 
-def write_file(storage: Storage, path: Path, data: bytes) -> FileRecord:
-    """Write a small file whole and fsync it."""
+def make_dirs(storage: Storage, staged: StagedCheckpoint, dirs: list[str]) -> None:
+    """Make the component directories (``layout.component_files(...).dir``) of a step being
+    written; ``seal`` fsyncs them once their files are durable."""
+    for d in dirs:
+        storage.mkdir(staged.temp_dir / d)
+
+
+def write_file(storage: Storage, path: Path, data: bytes, base: Path | None = None) -> FileRecord:
+    """Write a small file whole and fsync it; its record names it relative to ``base`` (the step
+    directory; by default the file's own directory)."""
     fd = storage.create(path)
     try:
         storage.write_all(fd, data, 0)
         storage.fsync(fd)
     finally:
         storage.close(fd)
-    return FileRecord(file=path.name, bytes=len(data), xxh3_128=checksum.of_bytes(data))
+    name = path.relative_to(base).as_posix() if base is not None else path.name
+    return FileRecord(file=name, bytes=len(data), xxh3_128=checksum.of_bytes(data))
 
 
 def write_shard(
@@ -100,6 +110,7 @@ def write_shard(
     direct: bool = False,
     ready: Callable[[int], None] | None = None,
     written: Callable[[int], None] | None = None,
+    base: Path | None = None,
 ) -> FileRecord:
     """Write header then data through this thread's chunk buffer and fsync.
 
@@ -115,6 +126,8 @@ def write_shard(
     and blocks until the client has copied that far (a streamed snapshot). ``written(n)``, when
     given, is called after each chunk is written with the bytes of ``data`` written so far (the
     progress ``ckptd status`` shows moves with every chunk, not only per shard).
+    The record names the file relative to ``base`` (the step directory; by default the file's
+    own directory).
     """
     h = checksum.new()
     fd = storage.create(path)
@@ -148,7 +161,8 @@ def write_shard(
             storage.drop_cache(fd)
     finally:
         storage.close(fd)
-    return FileRecord(file=path.name, bytes=writer.offset, xxh3_128=h.hexdigest())
+    name = path.relative_to(base).as_posix() if base is not None else path.name
+    return FileRecord(file=name, bytes=writer.offset, xxh3_128=h.hexdigest())
 
 
 class _ChunkWriter:
@@ -200,7 +214,11 @@ def _chunk_buffer() -> memoryview:
 
 
 def seal(storage: Storage, staged: StagedCheckpoint, manifest: Manifest) -> None:
-    """Write the manifest (after every other file is durable) and fsync the directory."""
+    """Fsync the component directories (their files are durable), write the manifest last and
+    fsync the step directory."""
+    for c in manifest.components:
+        if c.dir:
+            storage.fsync_dir(staged.temp_dir / c.dir)
     write_file(storage, staged.temp_dir / MANIFEST_NAME, manifest.to_bytes())
     storage.fsync_dir(staged.temp_dir)
 

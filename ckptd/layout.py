@@ -8,6 +8,10 @@ shard as its safetensors header (padded to 4096 bytes) followed by that one cont
 Shard split follows the Hugging Face rule (``split_torch_state_dict_into_shards``): greedy in
 order, a new shard when ``max_shard_size`` would be passed, a tensor larger than the limit alone
 in a shard of its own.
+
+Every name a step directory holds is made here (``component_files``, ``small_file``): the top of
+a step directory is what ``save_pretrained`` writes for the ``model`` component, and every other
+component lives in a subdirectory of its own name.
 """
 
 from __future__ import annotations
@@ -67,9 +71,6 @@ class ComponentLayout:
     def total_size(self) -> int:
         return sum(s.nbytes for s in self.shards)
 
-    def shard_file(self, index: int) -> str:
-        return shard_filename(self.name, index, len(self.shards))
-
 
 @dataclass(frozen=True, slots=True)
 class Layout:
@@ -79,13 +80,66 @@ class Layout:
     slot_bytes: int
 
 
-def shard_filename(component: str, index: int, count: int) -> str:
-    """The Hugging Face shard name: ``model-00001-of-00003.safetensors`` (index is 0-based)."""
-    return f"{component}-{index + 1:05d}-of-{count:05d}.safetensors"
+#: The component whose files are the top of a step directory, as ``save_pretrained`` writes them.
+MODEL = "model"
+#: The file stem ``save_pretrained`` gives weights (``model.safetensors``, ``model-00001-of-...``).
+PRETRAINED_STEM = "model"
 
 
-def index_filename(component: str) -> str:
-    return f"{component}.safetensors.index.json"
+@dataclass(frozen=True, slots=True)
+class ComponentFiles:
+    """Where one component's files are in a step directory. Every path is relative to the step
+    directory: ``dir`` is ``""`` for the ``model`` component (the top) and the component's name
+    for any other; ``name(i)`` is a shard's file name inside ``dir`` (what an index maps to)."""
+
+    dir: str
+    stem: str
+    count: int
+
+    def name(self, index: int) -> str:
+        """Shard ``index`` (0-based): ``<stem>.safetensors`` alone, else the Hugging Face
+        ``<stem>-00001-of-00003.safetensors``."""
+        if self.count == 1:
+            return f"{self.stem}.safetensors"
+        return f"{self.stem}-{index + 1:05d}-of-{self.count:05d}.safetensors"
+
+    def shard(self, index: int) -> str:
+        return self.path(self.name(index))
+
+    @property
+    def index(self) -> str | None:
+        """``<stem>.safetensors.index.json``, only for a component of several shards (as
+        ``save_pretrained`` writes one)."""
+        return self.path(f"{self.stem}.safetensors.index.json") if self.count > 1 else None
+
+    def path(self, name: str) -> str:
+        return f"{self.dir}/{name}" if self.dir else name
+
+
+def component_dir(component: str) -> str:
+    """A component's directory in a step directory: ``""`` (the top) for ``model``."""
+    return "" if component == MODEL else component
+
+
+def component_files(component: str, count: int, *, pretrained: bool = False) -> ComponentFiles:
+    """The files of ``component`` stored in ``count`` shards. The ``model`` component, and a
+    ``pretrained`` one (a Hugging Face model with a config, laid out as ``save_pretrained`` does
+    so that ``from_pretrained(step_dir / name)`` reads it), use the stem ``model``; any other
+    its own name (``optimizer/optimizer.safetensors``)."""
+    stem = PRETRAINED_STEM if component == MODEL or pretrained else component
+    return ComponentFiles(component_dir(component), stem, count)
+
+
+def small_file(component: str, name: str) -> str:
+    """Where a small file (``config.json``, ...) of ``component`` goes in a step directory; also
+    the key a snapshot's ``files`` carries it under."""
+    return component_files(component, 1).path(name)
+
+
+def split_small_file(key: str) -> tuple[str, str]:
+    """``(component, name)`` of a snapshot ``files`` key (``small_file`` the other way round)."""
+    head, sep, tail = key.partition("/")
+    return (head, tail) if sep else (MODEL, key)
 
 
 def split_shards(specs: Sequence[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:

@@ -17,15 +17,19 @@ from ckptd.paths import parse_step_dirname
 from ckptd.safeio import read_small
 
 MANIFEST_NAME = "ckptd.json"
-FORMAT = "ckptd/1"
+#: ``ckptd/2``: the top of a step directory is the ``model`` component as ``save_pretrained``
+#: writes it, every other component in a subdirectory of its name (``ckptd.layout``), a
+#: single-shard component without an index. ``ckptd/1`` (read, never written): every component's
+#: shards and index at the top, always ``<name>-0000k-of-0000n.safetensors`` and an index.
+Format = Literal["ckptd/1", "ckptd/2"]
+FORMAT: Format = "ckptd/2"
 #: A manifest larger than this is refused unread. Its tree and small files come from one request
 #: frame (64 MiB); the rest is one short record per shard and file.
 MAX_MANIFEST_BYTES = 1 << 30
 
 
 def plain_name(name: str) -> str:
-    """A file name inside the step directory: no directory part, no '..', no NUL. Checked when a
-    manifest is read, so no reader can be sent outside the step directory by one."""
+    """A file name inside a directory: no directory part, no '..', no NUL."""
     if not name or "/" in name or "\x00" in name or name in (".", ".."):
         raise ValueError(
             f"file name {name!r} is not a plain file name in the step directory "
@@ -34,7 +38,22 @@ def plain_name(name: str) -> str:
     return name
 
 
+def step_path(path: str) -> str:
+    """A file of the step directory: a plain name, or ``<component directory>/<plain name>``.
+    Checked when a manifest is read, so no reader can be sent outside the step directory by one
+    (readers also refuse a component directory that is a link)."""
+    parts = path.split("/")
+    if len(parts) > 2 or not all(parts) or "\x00" in path or {".", ".."} & set(parts):
+        raise ValueError(
+            f"file name {path!r} is not a plain file name in the step directory nor one in a "
+            "component directory (a manifest names its files as 'name' or 'component/name', "
+            "without '..', a leading '/' or NUL)"
+        )
+    return path
+
+
 FileName = Annotated[str, AfterValidator(plain_name)]
+StepPath = Annotated[str, AfterValidator(step_path)]
 
 
 class _Model(BaseModel):
@@ -43,14 +62,15 @@ class _Model(BaseModel):
 
 
 class FileRecord(_Model):
-    file: FileName
+    file: StepPath  # relative to the step directory
     bytes: int
     xxh3_128: str
 
 
 class ComponentRecord(_Model):
     name: str
-    index: FileName
+    dir: FileName | Literal[""] = ""  # its directory in the step directory; "": the top
+    index: StepPath | None = None  # ckptd/2: None for a single shard
     shards: list[FileRecord]
     tensors: int
     total_size: int
@@ -58,7 +78,7 @@ class ComponentRecord(_Model):
 
 
 class Manifest(_Model):
-    format: Literal["ckptd/1"] = "ckptd/1"
+    format: Format = FORMAT
     ckptd_version: str
     run: str
     step: int
@@ -67,7 +87,7 @@ class Manifest(_Model):
     created_unix: float
     bytes: int
     components: list[ComponentRecord]
-    files: list[FileRecord]  # indexes, config.json, ...
+    files: list[FileRecord]  # indexes, config.json, teacher/config.json, ...
     tree: JsonValue
     timings: dict[str, float] = {}
     checksum: str = ""  # xxh3-128 of the file's bytes with this value blanked (the last field)

@@ -103,6 +103,9 @@ class ComponentEntry(Message):
     name: str
     shards: list[ShardEntry]
     aliases: dict[str, str] = {}  # tied name -> stored name
+    # A Hugging Face model with a config: its directory is laid out as ``save_pretrained`` does.
+    pretrained: bool = False
+    parameters: int | None = None  # a module's parameter count: ``total_parameters`` of its index
 
 
 class RegisterLayout(Message):
@@ -124,7 +127,9 @@ class Snapshot(Message):
     layout: int | None = None  # a registered layout; or None and ``components`` inline
     components: list[ComponentEntry] = []
     tree: JsonValue
-    files: dict[str, str] = {}  # small text files, e.g. config.json
+    # Small text files, e.g. config.json: a plain name is the model's (the top of the step
+    # directory), ``<component>/<name>`` another component's (``layout.small_file``).
+    files: dict[str, str] = {}
     rank: int = 0
     world_size: int = 1
     ready: int | None = None  # bytes of the slot already copied (streamed); None: all of it
@@ -329,6 +334,7 @@ def _layout_parts(layout: int, components: list[dict[str, Any]]) -> Iterator[byt
 
     for c in components:
         piece: dict[str, Any] = {"name": c["name"], "shards": [], "aliases": c.get("aliases", {})}
+        piece.update((k, c[k]) for k in ("pretrained", "parameters") if k in c)  # the first piece's
         part.append(piece)
         for shard in c["shards"]:
             tensors, start = shard["tensors"], 0

@@ -11,7 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ckptd import checksum, paths, tree
+from ckptd import checksum, paths, safeio, tree
+from ckptd.layout import MODEL
 from ckptd.manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
@@ -65,13 +66,42 @@ def verify(path: str | os.PathLike[str]) -> list[str]:
         manifest = read_manifest(step_dir)
     except ManifestError as e:
         return [str(e)]
-    problems = []
+    problems = _check_dirs(step_dir, manifest)
+    if problems:
+        return problems
     for c in manifest.components:
         for shard in c.shards:
             problems += _check_file(step_dir, shard, shard_file=True)
     for f in manifest.files:
         problems += _check_file(step_dir, f, shard_file=False)
     return problems
+
+
+def _check_dirs(step_dir: Path, manifest: Manifest) -> list[str]:
+    """Every component directory a manifest's files are in is a real directory of the step
+    directory (ckptd makes no links: one there is not followed out of it)."""
+    dirs = {c.dir for c in manifest.components}
+    dirs.update(r.file.rpartition("/")[0] for c in manifest.components for r in c.shards)
+    dirs.update(r.file.rpartition("/")[0] for r in manifest.files)
+    problems = []
+    for d in sorted(dirs - {""}):
+        found = safeio.lstat_kind(step_dir / d)
+        if found != "a directory":
+            what = "missing" if found is None else f"{found}, not a directory"
+            problems.append(f"{step_dir / d}: component directory is {what}; the step is damaged")
+    return problems
+
+
+def model_files(manifest: Manifest) -> list[str]:
+    """The files of a step that ``save_pretrained`` would write for its ``model`` component (its
+    shards, its index, ``config.json`` and the other small files at the top), relative to the
+    step directory, in either format (``ckptd/1`` has the other components' files at the top
+    too: they are left out)."""
+    model = next((c for c in manifest.components if c.name == MODEL), None)
+    others = {c.index for c in manifest.components if c is not model}
+    files = [s.file for s in model.shards] if model is not None else []
+    files += [f.file for f in manifest.files if "/" not in f.file and f.file not in others]
+    return files
 
 
 def _check_file(step_dir: Path, record: FileRecord, *, shard_file: bool) -> list[str]:
@@ -116,41 +146,70 @@ def resolve(path: str | os.PathLike[str], run: str = "default") -> Path:
     p = Path(path)
     if os.path.lexists(p / MANIFEST_NAME):  # whatever it is: read_manifest says what is wrong
         return p
+    for step_dir in candidates(_run_dir(p, run)):
+        try:
+            read_manifest(step_dir)
+        except ManifestError:
+            continue
+        return step_dir
+    raise FileNotFoundError(f"no committed ckptd checkpoint at {p}")
+
+
+def _run_dir(p: Path, run: str) -> Path:
+    """The run directory ``p`` is (it holds ``LATEST`` or a step), or ``p``'s run ``run``."""
     if (p / paths.LATEST).exists() or paths.committed_steps(p):
         run_dir = Path(os.path.abspath(p))  # "." and "run/.." have a name here
         try:
-            found = latest(run_dir.parent, run_dir.name)
+            paths.check_name("run", run_dir.name)
         except paths.InvalidName:
             raise FileNotFoundError(
                 f"no committed ckptd checkpoint at {p}: {run_dir.name!r} is not a run name ckptd "
                 "writes (1-128 letters, digits, '_', '-' or '.', starting with a letter or digit, "
                 f"without '..'); rename the directory, or give a step directory ({p}/step-NNNNNN)"
             ) from None
-    else:
-        found = latest(p, run)
-    if found is None:
-        raise FileNotFoundError(f"no committed ckptd checkpoint at {p}")
-    return found
+        return run_dir
+    return p / paths.check_name("run", run)
 
 
 def load(path: str | os.PathLike[str], *, verify_checksums: bool = True) -> dict[str, Any]:
     """Load a checkpoint into plain objects: ``{"model": {name: tensor}, "optimizer": ..., ...}``.
 
-    ``path`` is a step directory, or a run directory (its newest intact step). Tied tensors come
-    back as one tensor under every name. Raises ``CorruptCheckpoint`` (``ManifestError`` for the
-    manifest) for a damaged checkpoint: a checksum that fails, a malformed shard, a file that is
-    not a regular file in the step directory.
+    ``path`` is a step directory, a run directory or a root (its run ``default``). A step
+    directory is loaded or raises ``CorruptCheckpoint`` (``ManifestError`` for the manifest) if it
+    is damaged: a checksum that fails, a malformed shard, a file that is not a regular file in the
+    step directory. A run directory (or root) loads its newest step that loads, as
+    ``Client.restore`` does: a damaged newer step is skipped with a warning naming it and what is
+    wrong; ``CorruptCheckpoint`` only if every step is damaged, ``FileNotFoundError`` if there is
+    none. Tied tensors come back as one tensor under every name. Steps of every ckptd format
+    (``ckptd/1``'s flat layout too) load.
 
     >>> state = ckptd.load("checkpoints/default/step-000500")  # doctest: +SKIP
     >>> model.load_state_dict(state["model"])                   # doctest: +SKIP
     """
-    step_dir = resolve(path)
-    manifest = read_manifest(step_dir)
-    return load_manifest(step_dir, manifest, verify_checksums=verify_checksums)
+    p = Path(path)
+    if os.path.lexists(p / MANIFEST_NAME):  # a step directory: no fallback
+        return load_manifest(p, read_manifest(p), verify_checksums=verify_checksums)
+    steps = candidates(_run_dir(p, "default"))
+    first: CorruptCheckpoint | None = None
+    for i, step_dir in enumerate(steps):
+        try:
+            return load_manifest(step_dir, read_manifest(step_dir), verify_checksums=verify_checksums)
+        except CorruptCheckpoint as e:  # ManifestError too: every damaged step, no more
+            first = first or e
+            later = "; trying an older step" if i + 1 < len(steps) else ""
+            log.warning("skipping %s: %s%s", step_dir, e, later)
+    if first is None:
+        raise FileNotFoundError(f"no committed ckptd checkpoint at {p}")
+    raise CorruptCheckpoint(
+        f"no committed checkpoint at {p} loads; the newest, {steps[0].name}: {first}"
+    ) from first
 
 
 def load_manifest(step_dir: Path, manifest: Manifest, *, verify_checksums: bool = True) -> dict[str, Any]:
     """Load a step whose manifest was read; every problem with its files is ``CorruptCheckpoint``."""
+    problems = _check_dirs(step_dir, manifest)
+    if problems:
+        raise CorruptCheckpoint("; ".join(problems))
     if verify_checksums:
         problems = [p for f in manifest.files for p in _check_file(step_dir, f, shard_file=False)]
         if problems:

@@ -103,6 +103,8 @@ def make_plan(flat: Flat, max_shard_size: int) -> Plan:
                 for shard in comp.shards
             ],
             "aliases": flat.components[ci].aliases,
+            "pretrained": flat.components[ci].pretrained,
+            "parameters": flat.components[ci].parameters,
         }
         for ci, comp in enumerate(lay.components)
     ]

@@ -25,6 +25,7 @@ import torch
 from pydantic import JsonValue
 from torch import nn
 
+from ckptd.layout import small_file
 from ckptd.paths import InvalidName, check_name
 from ckptd.torch_dtypes import TO_SAFETENSORS, safetensors_dtype
 from client.offload import is_offloaded, onloaded_state_dict
@@ -57,6 +58,10 @@ class Component:
     #: Whether any tensor added is on a CUDA device; whether all are in host memory.
     cuda: bool = False
     host: bool = True
+    #: A Hugging Face model with a config (laid out as ``save_pretrained`` does), and a module's
+    #: parameter count (its index's ``total_parameters``, as transformers counts).
+    pretrained: bool = False
+    parameters: int | None = None
 
     def add(self, name: str, t: torch.Tensor) -> None:
         # Runs once per tensor per snapshot: only cheap attribute reads on the common path.
@@ -203,7 +208,8 @@ class Flat:
 
     def signature(self) -> tuple[object, ...]:
         return tuple(
-            (c.name, tuple((n, t.dtype, tuple(t.shape)) for n, t in c.tensors)) for c in self.components
+            (c.name, c.pretrained, c.parameters, tuple((n, t.dtype, tuple(t.shape)) for n, t in c.tensors))
+            for c in self.components
         )
 
 
@@ -261,8 +267,10 @@ def _flatten(obj: object) -> Flat:
                 state = onloaded_state_dict(value)
             comp.add_all(state.items())
             nodes[key] = {"$module": key, "keys": list(state)}
-            if not files:
-                files = hf_files(value)
+            module_files = hf_files(value)
+            files.update((small_file(key, name), text) for name, text in module_files.items())
+            comp.pretrained = bool(module_files)
+            comp.parameters = sum(p.numel() for p in value.parameters())
         elif isinstance(value, torch.optim.Optimizer):
             comp = _component(key)
             nodes[key] = _optimizer_node(value, comp, names)

@@ -90,7 +90,7 @@ def test_step_dir_without_manifest_is_not_a_checkpoint(daemon: DaemonProc, clien
     good = commit_step(client, 3)
     bogus = daemon.root / "default" / "step-000009"
     bogus.mkdir()
-    (bogus / "model-00001-of-00001.safetensors").write_bytes(b"not a checkpoint")
+    (bogus / "model.safetensors").write_bytes(b"not a checkpoint")
 
     done = run_cli("ls", daemon.root)
     assert done.returncode == 0, output(done)

@@ -85,6 +85,7 @@ class KillPoint:
 
 KILL_POINTS: dict[str, KillPoint] = {
     "after-temp-mkdir": KillPoint("kill-after:mkdir:1:2", False, "step-000001"),
+    "after-component-mkdir": KillPoint("kill-after:mkdir@extra:1:2", False, "step-000001"),
     "before-first-shard": KillPoint("kill-at:create:1:2", False, "step-000001"),
     "mid-shard": KillPoint("kill-at:pwrite:2:2", False, "step-000001"),
     "between-shards": KillPoint("kill-at:pwrite:3:2", False, "step-000001"),
@@ -93,16 +94,17 @@ KILL_POINTS: dict[str, KillPoint] = {
     "before-index": KillPoint("kill-at:create@*.index.json:1:2", False, "step-000001"),
     "before-manifest": KillPoint("kill-at:create@ckptd.json:1:2", False, "step-000001"),
     "manifest-unsynced": KillPoint("kill-at:fsync@ckptd.json:1:2", False, "step-000001"),
-    "before-seal-dirsync": KillPoint("kill-at:fsync_dir:1:2", False, "step-000001"),
+    "before-component-dirsync": KillPoint("kill-at:fsync_dir@extra:1:2", False, "step-000001"),
+    "before-seal-dirsync": KillPoint("kill-at:fsync_dir@step-*:1:2", False, "step-000001"),
     "before-rename": KillPoint("kill-at:rename:1:2", False, "step-000001"),
     "after-rename": KillPoint("kill-after:rename:1:2", True, "step-000001"),
-    "after-rename-dirsync": KillPoint("kill-after:fsync_dir:2:2", True, "step-000001"),
+    "after-rename-dirsync": KillPoint("kill-after:fsync_dir@default:1:2", True, "step-000001"),
     "before-latest": KillPoint("kill-at:create@LATEST*:1:2", True, "step-000001"),
     "latest-temp-written": KillPoint("kill-at:rename@LATEST*:1:2", True, "step-000001"),
     "after-latest": KillPoint("kill-after:rename@LATEST*:1:2", True, "step-000002"),
-    "after-latest-dirsync": KillPoint("kill-after:fsync_dir:3:2", True, "step-000002"),
+    "after-latest-dirsync": KillPoint("kill-after:fsync_dir@default:2:2", True, "step-000002"),
     "retention-after-doom-rename": KillPoint("kill-after:rename:3:2", True, "step-000002", keep_last=1),
-    "retention-before-dirsync": KillPoint("kill-at:fsync_dir:4:2", True, "step-000002", keep_last=1),
+    "retention-before-dirsync": KillPoint("kill-at:fsync_dir@default:3:2", True, "step-000002", keep_last=1),
 }
 
 
@@ -166,7 +168,8 @@ EIO_POINTS = {
     "shard-create": "eio-at:create:1:2",
     "index-write": "eio-at:pwrite@*.index.json:1:2",
     "manifest-fsync": "eio-at:fsync@ckptd.json:1:2",
-    "seal-dirsync": "eio-at:fsync_dir:1:2",
+    "component-dirsync": "eio-at:fsync_dir@extra:1:2",
+    "seal-dirsync": "eio-at:fsync_dir@step-*:1:2",
     "rename": "eio-at:rename:1:2",
 }
 

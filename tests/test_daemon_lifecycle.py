@@ -171,7 +171,7 @@ def test_leftovers_are_swept_on_start(
     run_dir = first.root / "default"
     junk = run_dir / "step-000005.ckptd-tmp-abcd"
     junk.mkdir()
-    (junk / "model-00001-of-00001.safetensors").write_bytes(os.urandom(5000))
+    (junk / "model.safetensors").write_bytes(os.urandom(5000))
     (junk / "ckptd.json").write_text("{half a manifest")
     (junk / "sub").mkdir()
     (junk / "sub" / "x").write_bytes(b"x")

@@ -8,7 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ckptd.dtypes import ITEMSIZE
-from ckptd.layout import ALIGN, TensorSpec, plan, split_shards
+from ckptd.layout import (
+    ALIGN,
+    TensorSpec,
+    component_files,
+    plan,
+    small_file,
+    split_shards,
+    split_small_file,
+)
 from ckptd.torch_dtypes import FROM_SAFETENSORS
 
 specs_strategy = st.lists(
@@ -70,4 +78,24 @@ def test_several_components_share_one_slot() -> None:
     )
     assert [c.name for c in lay.components] == ["model", "optimizer"]
     assert lay.components[1].shards[0].offset == ALIGN
-    assert lay.components[0].shard_file(0) == "model-00001-of-00001.safetensors"
+
+
+def test_file_names_are_what_save_pretrained_writes_and_other_components_in_their_directory() -> None:
+    assert component_files("model", 1).shard(0) == "model.safetensors"
+    assert component_files("model", 1).index is None  # one shard: no index, as save_pretrained
+    model = component_files("model", 3)
+    assert [model.shard(i) for i in range(3)] == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert model.index == "model.safetensors.index.json"
+    opt = component_files("optimizer", 2)
+    assert (opt.dir, opt.shard(1), opt.name(1)) == (
+        "optimizer",
+        "optimizer/optimizer-00002-of-00002.safetensors",
+        "optimizer-00002-of-00002.safetensors",  # what its index maps to, in its directory
+    )
+    assert opt.index == "optimizer/optimizer.safetensors.index.json"
+    teacher = component_files("teacher", 1, pretrained=True)
+    assert teacher.shard(0) == "teacher/model.safetensors"
+    assert small_file("model", "config.json") == "config.json"
+    assert small_file("teacher", "config.json") == "teacher/config.json"
+    assert split_small_file("teacher/config.json") == ("teacher", "config.json")
+    assert split_small_file("config.json") == ("model", "config.json")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ckptd.daemon.rows import ComponentRows, PreparedComponent, ShardRows, ShardSpan, shard_rows
 from ckptd.daemon.validate import InvalidRequest, check_components
-from ckptd.layout import ALIGN, round_up, shard_filename
+from ckptd.layout import ALIGN, ComponentFiles, component_files, round_up
 from ckptd.protocol import RegisterLayout
 from ckptd.shardfile import METADATA, HeaderEntry, encode_header
 
@@ -39,7 +39,7 @@ class PreparedLayout:
 
     components: tuple[PreparedComponent, ...]
     headers: tuple[tuple[bytes, ...], ...]  # per component, per shard
-    indexes: tuple[bytes, ...]  # ``<component>.safetensors.index.json`` text, per component
+    indexes: tuple[bytes | None, ...]  # per component, its index text (None: one shard, no index)
     nbytes: int  # tensor bytes a snapshot of this layout writes
     tensors: int  # tensor and alias entries, for the limits
     end: int  # where the last shard's data ends in the slot: a streamed snapshot is whole there
@@ -63,11 +63,15 @@ def prepare(comps: Sequence[ComponentRows]) -> PreparedLayout:
     end = max((s.offset + s.nbytes for c in comps for s in c.shards), default=0)
     spans = tuple(
         PreparedComponent(
-            c.name, tuple(ShardSpan(s.offset, s.nbytes, len(s.tensors)) for s in c.shards), c.aliases
+            c.name,
+            tuple(ShardSpan(s.offset, s.nbytes, len(s.tensors)) for s in c.shards),
+            c.aliases,
+            component_files(c.name, len(c.shards), pretrained=c.pretrained),
         )
         for c in comps
     )
-    return PreparedLayout(spans, headers, tuple(_index(c) for c in comps), nbytes, size, end)
+    indexes = tuple(_index(c, p.files) for c, p in zip(comps, spans, strict=True))
+    return PreparedLayout(spans, headers, indexes, nbytes, size, end)
 
 
 class LayoutParts:
@@ -110,7 +114,7 @@ class LayoutParts:
                 self.fail(f"part {self.parts}: component {c.name!r} has no shards")
                 return
             else:
-                self._comps.append(ComponentRows(c.name, shards, dict(c.aliases)))
+                self._comps.append(ComponentRows(c.name, shards, dict(c.aliases), c.pretrained, c.parameters))
                 self.tensors += len(c.aliases)
             self.tensors += sum(len(s.tensors) for s in shards)
             if self.tensors > MAX_LAYOUT_TENSORS:
@@ -152,10 +156,15 @@ def _header(shard: ShardRows) -> bytes:
 _U64 = struct.Struct("<Q")
 
 
-def _index(c: ComponentRows) -> bytes:
-    """The Hugging Face index of a component, as ``save_pretrained`` lays it out."""
-    n = len(c.shards)
-    weight_map = {t[0]: shard_filename(c.name, i, n) for i, s in enumerate(c.shards) for t in s.tensors}
-    total = sum(s.nbytes for s in c.shards)
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+def _index(c: ComponentRows, files: ComponentFiles) -> bytes | None:
+    """The Hugging Face index of a component of several shards, as ``save_pretrained`` writes it
+    (``total_parameters`` for a module, as transformers counts: its parameters, not its buffers);
+    None for one shard, which ``save_pretrained`` writes without an index."""
+    if files.index is None:
+        return None
+    weight_map = {t[0]: files.name(i) for i, s in enumerate(c.shards) for t in s.tensors}
+    metadata: dict[str, int] = {"total_size": sum(s.nbytes for s in c.shards)}
+    if c.parameters is not None:
+        metadata["total_parameters"] = c.parameters
+    index = {"metadata": metadata, "weight_map": weight_map}
     return (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()

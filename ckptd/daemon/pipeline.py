@@ -25,7 +25,6 @@ from ckptd.daemon.arenas import Arena
 from ckptd.daemon.layouts import PreparedLayout
 from ckptd.daemon.metrics import Metrics
 from ckptd.daemon.rootguard import RootGone, RootGuard
-from ckptd.layout import index_filename, shard_filename
 from ckptd.manifest import ComponentRecord, FileRecord, Manifest
 from ckptd.protocol import Committed, Failed, JobStatus, Message, Progress, Snapshot
 from ckptd.storage import Storage
@@ -304,7 +303,7 @@ class Pipeline:
             await loop.run_in_executor(None, commit.discard, st, staged)
             raise
         job.mark("committed")
-        job.checksums = {f"{c.name}/{s.file}": s.xxh3_128 for c in manifest.components for s in c.shards}
+        job.checksums = {s.file: s.xxh3_128 for c in manifest.components for s in c.shards}
         if self.options.keep_last:
             try:
                 removed = await loop.run_in_executor(
@@ -348,14 +347,17 @@ class Pipeline:
 
     async def _write_shards(self, job: Job, staged: commit.StagedCheckpoint) -> list[ComponentRecord]:
         loop = asyncio.get_running_loop()
+        dirs = [c.files.dir for c in job.layout.components if c.files.dir]
+        await loop.run_in_executor(None, commit.make_dirs, self.storage, staged, dirs)
         futures = []
         for c, headers in zip(job.layout.components, job.layout.headers, strict=True):
-            n = len(c.shards)
             for i, (shard, header) in enumerate(zip(c.shards, headers, strict=True)):
                 data = job.arena.view(shard.offset, shard.nbytes)
-                path = staged.temp_dir / shard_filename(c.name, i, n)
+                path = staged.temp_dir / c.files.shard(i)
                 futures.append(
-                    loop.run_in_executor(self._pool, self._write_one, job, path, header, data, shard.offset)
+                    loop.run_in_executor(
+                        self._pool, self._write_one, job, staged.temp_dir, path, header, data, shard.offset
+                    )
                 )
         results = await asyncio.gather(*futures, return_exceptions=True)
         for r in results:
@@ -368,7 +370,8 @@ class Pipeline:
             out.append(
                 ComponentRecord(
                     name=c.name,
-                    index=index_filename(c.name),
+                    dir=c.files.dir,
+                    index=c.files.index,
                     shards=shards,
                     tensors=sum(s.tensors for s in c.shards),
                     total_size=sum(s.nbytes for s in c.shards),
@@ -377,7 +380,9 @@ class Pipeline:
             )
         return out
 
-    def _write_one(self, job: Job, path: Path, header: bytes, data: memoryview, offset: int) -> FileRecord:
+    def _write_one(  # noqa: PLR0917 - one shard's write, run in a writer thread
+        self, job: Job, base: Path, path: Path, header: bytes, data: memoryview, offset: int
+    ) -> FileRecord:
         nbytes = len(data)
 
         def ready(end: int) -> None:  # a streamed snapshot: wait for the client's copy
@@ -391,7 +396,14 @@ class Pipeline:
 
         with data:
             record = commit.write_shard(
-                self.storage, path, header, data, direct=self.options.direct_io, ready=ready, written=written
+                self.storage,
+                path,
+                header,
+                data,
+                direct=self.options.direct_io,
+                ready=ready,
+                written=written,
+                base=base,
             )
         job.note_written(offset, nbytes, finished=True)
         return record
@@ -401,11 +413,12 @@ class Pipeline:
     ) -> Manifest:
         req, st = job.request, self.storage
         files = [
-            commit.write_file(st, staged.temp_dir / c.index, index)
+            commit.write_file(st, staged.temp_dir / c.index, index, staged.temp_dir)
             for c, index in zip(components, job.layout.indexes, strict=True)
+            if c.index is not None and index is not None
         ]
-        for name, text in sorted(req.files.items()):
-            files.append(commit.write_file(st, staged.temp_dir / name, text.encode()))
+        for path, text in sorted(req.files.items()):  # ``layout.small_file`` paths, checked
+            files.append(commit.write_file(st, staged.temp_dir / path, text.encode(), staged.temp_dir))
         job.timings["write_s"] = round(time.monotonic() - job.started, 6)
         manifest = Manifest(
             ckptd_version=__version__,

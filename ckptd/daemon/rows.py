@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from ckptd.layout import ComponentFiles
 from ckptd.protocol import ComponentEntry, TensorEntry
 
 #: A tensor: name, dtype, shape, start and end (relative to its shard's data section). A plain
@@ -28,6 +29,8 @@ class ComponentRows(NamedTuple):
     name: str
     shards: list[ShardRows]
     aliases: dict[str, str]
+    pretrained: bool = False
+    parameters: int | None = None
 
 
 def shard_rows(offset: int, nbytes: int, tensors: Sequence[TensorEntry]) -> ShardRows:
@@ -41,7 +44,13 @@ def shard_rows(offset: int, nbytes: int, tensors: Sequence[TensorEntry]) -> Shar
 
 def component_rows(components: Sequence[ComponentEntry]) -> list[ComponentRows]:
     return [
-        ComponentRows(c.name, [shard_rows(s.offset, s.nbytes, s.tensors) for s in c.shards], dict(c.aliases))
+        ComponentRows(
+            c.name,
+            [shard_rows(s.offset, s.nbytes, s.tensors) for s in c.shards],
+            dict(c.aliases),
+            c.pretrained,
+            c.parameters,
+        )
         for c in components
     ]
 
@@ -58,3 +67,4 @@ class PreparedComponent(NamedTuple):
     name: str
     shards: tuple[ShardSpan, ...]
     aliases: dict[str, str]
+    files: ComponentFiles  # where its shards and index go in the step directory

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 from ckptd.daemon.rows import ComponentRows, PreparedComponent
 from ckptd.dtypes import ITEMSIZE, numel
+from ckptd.layout import MODEL, small_file, split_small_file
+from ckptd.manifest import MANIFEST_NAME
 from ckptd.paths import InvalidName, check_name
 from ckptd.protocol import Snapshot
 
@@ -47,9 +49,7 @@ def check_snapshot(req: Snapshot, components: Sequence[PreparedComponent], arena
         raise InvalidRequest(f"step must be >= 0, got {req.step}")
     if not 0 <= req.rank < req.world_size:
         raise InvalidRequest(f"rank {req.rank} is not within world_size {req.world_size}")
-    extra = set(req.files) - ALLOWED_FILES
-    if extra:
-        raise InvalidRequest(f"files {sorted(extra)} not allowed; only {sorted(ALLOWED_FILES)}")
+    _check_files(req, components)
     for c in components:
         for i, shard in enumerate(c.shards):
             if shard.offset < 0 or shard.nbytes < 0 or shard.offset + shard.nbytes > arena_size:
@@ -59,7 +59,35 @@ def check_snapshot(req: Snapshot, components: Sequence[PreparedComponent], arena
                 )
 
 
+def _check_files(req: Snapshot, components: Sequence[PreparedComponent]) -> None:
+    """Small files are the model's (a plain name) or another component's of this snapshot
+    (``<component>/<name>``), and no component's directory takes a name a model file has."""
+    names = {c.name for c in components}
+    for key in req.files:
+        component, name = split_small_file(key)
+        if name not in ALLOWED_FILES or small_file(component, name) != key:
+            raise InvalidRequest(
+                f"file {key!r} not allowed; only {sorted(ALLOWED_FILES)}, each as the model's "
+                "(a plain name) or as '<component>/<name>'"
+            )
+        if component != MODEL and component not in names:
+            raise InvalidRequest(f"file {key!r} belongs to no component of the snapshot {sorted(names)}")
+    top = {MANIFEST_NAME, *req.files}
+    for c in components:
+        if not c.files.dir:
+            top.update(c.files.shard(i) for i in range(len(c.shards)))
+            top.add(c.files.index or "")
+    taken = {c.files.dir for c in components if c.files.dir} & top
+    if taken:
+        raise InvalidRequest(
+            f"component name(s) {sorted(taken)} are also names of the model's files in the step "
+            "directory; rename the component(s)"
+        )
+
+
 def _check_component(c: ComponentRows) -> int:
+    if c.parameters is not None and c.parameters < 0:
+        raise InvalidRequest(f"component {c.name!r}: parameters must be >= 0, got {c.parameters}")
     if not c.shards:
         raise InvalidRequest(f"component {c.name!r} has no shards")
     seen: set[str] = set()

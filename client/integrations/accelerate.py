@@ -11,7 +11,8 @@ every hook registered with ``register_save_state_pre_hook(hook)`` as ``hook(mode
 output_dir)``, then ``save_accelerator_state`` writes what is left in ``weights`` as
 ``model.safetensors``, ``model_1.safetensors``, ... . The hook of ``register_ckptd`` snapshots
 the models to ckptd (``model``, ``model_1``, ... components; a Hugging Face model's component loads
-with ``from_pretrained``), writes ``output_dir/ckptd_checkpoint.json`` (root, run, step: where the
+with ``from_pretrained``: the step directory for ``model``, ``step_dir/model_1`` for the next),
+writes ``output_dir/ckptd_checkpoint.json`` (root, run, step: where the
 weights went) and empties ``weights``, so accelerate writes no model weights and ``save_state``
 does not wait for them. The optimizer, scheduler, sampler, RNG and custom states are still written
 by accelerate itself (the hook does not receive them). The load hook (``register_load_state_pre_hook``,

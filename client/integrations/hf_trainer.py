@@ -55,7 +55,8 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from ckptd import paths
+from ckptd import paths, reading
+from ckptd.manifest import read_manifest
 from client import restore as restore_mod
 from client.client import Client
 from client.errors import CheckpointError
@@ -67,7 +68,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 Policy = Literal["block", "skip", "error"]
-_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
 
 
 @dataclass
@@ -140,9 +140,8 @@ class CkptdCallback(TrainerCallback):
         directory = tempfile.mkdtemp(prefix=f"ckptd-resume-{found}-")
         with open(os.path.join(directory, "trainer_state.json"), "w") as f:
             json.dump(loaded["trainer_state"], f, indent=2, sort_keys=True)
-        for entry in os.listdir(step_dir):
-            if entry in _MODEL_FILES or (entry.startswith("model-") and entry.endswith(".safetensors")):
-                os.symlink(step_dir / entry, os.path.join(directory, entry))
+        for entry in reading.model_files(read_manifest(step_dir)):  # what save_pretrained writes
+            os.symlink(step_dir / entry, os.path.join(directory, entry))
         self._discard_resume()
         self._resume = _Resume(found, loaded, directory)
         log.info("resuming from %s (step %d)", step_dir, found)

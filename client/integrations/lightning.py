@@ -25,7 +25,7 @@ saved again and no pointer written, with one warning for all such steps (to save
 
 **The checkpoint dict** is stored as three top-level entries:
 
-- ``model``: ``checkpoint["state_dict"]`` (the ``model-*.safetensors`` shards, with Lightning's
+- ``model``: ``checkpoint["state_dict"]`` (``model.safetensors`` or its shards, with Lightning's
   parameter names);
 - ``optimizer_states``: the list of optimizer state dicts; their int keys (``state[0]``) are stored
   as strings with a ``__ckptd_keys__`` entry that restores them (``to_tree``), so tensors are named
