@@ -372,7 +372,7 @@ SCENARIOS = [
         "Metrics and /healthz: escaping, refusals, a wedged writer, a stalled loop",
         "Label values with quotes, backslashes and newlines parse back with prometheus_client's own "
         "parser; a real daemon exposes README's metric names, process metrics and build info; an "
-        "\"already committed\" refusal counts in `ckptd_snapshots_refused_total`, not as an I/O "
+        '"already committed" refusal counts in `ckptd_snapshots_refused_total`, not as an I/O '
         "failure; `/healthz` is 200 normally, 503 naming the writers while every writer's pwrite "
         "hangs, 503 naming the event loop while it is blocked (answered off the loop), then 200.",
         r"test_service\.py::test_(label_values|metrics_carry|already_committed|healthz)",
