@@ -55,6 +55,10 @@ class CommitError(RuntimeError):
     """The checkpoint could not be made visible; nothing partial was."""
 
 
+class AlreadyCommitted(CommitError):
+    """The step is already committed: refused before anything was written."""
+
+
 def stage(storage: Storage, root: Path, run: str, step: int) -> StagedCheckpoint:
     run_dir = root / paths.check_name("run", run)
     if run_dir.is_symlink():
@@ -68,7 +72,7 @@ def stage(storage: Storage, root: Path, run: str, step: int) -> StagedCheckpoint
     staged = StagedCheckpoint(run_dir, step, run_dir / paths.temp_dirname(step, secrets.token_hex(4)))
     found = safeio.lstat_kind(staged.final_dir)  # a link is not followed: it is what is there
     if found == "a directory":
-        raise CommitError(
+        raise AlreadyCommitted(
             f"step {step} of run {run!r} is already committed at {staged.final_dir}; "
             "snapshot a new step or delete that directory"
         )

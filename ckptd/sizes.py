@@ -1,41 +1,48 @@
-"""Byte sizes written the way Hugging Face writes them ("5GB" = 5 * 10**9, "5GiB" = 5 * 2**30)."""
+"""Byte sizes written the way Hugging Face writes them: ``convert_file_size_to_int`` of
+transformers, exactly ("5GB" = 5 * 10**9, "5GiB" = 5 * 2**30, "5Gb" = 5 * 10**9 / 8 bytes)."""
 
 from __future__ import annotations
 
-import re
-
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+#: Suffix (as matched, case-insensitively) -> bytes per unit. Checked in this order, as transformers
+#: does; a decimal unit whose last letter is a lower-case ``b`` counts bits.
+_UNITS = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3))
 
 
 def parse_size(value: int | str) -> int:
-    """Parse ``5GB``, ``500MiB`` or an int number of bytes; ``ValueError`` says what is accepted."""
+    """Parse a size as transformers' ``convert_file_size_to_int`` does: an int number of bytes, or
+    an integer with a unit: ``KiB``/``MiB``/``GiB`` (powers of 2), ``KB``/``MB``/``GB`` (powers of
+    10, any case), ``Kb``/``Mb``/``Gb`` (bits: an eighth of those bytes). A string of digits alone
+    is a number of bytes too (transformers refuses it; ``ckptd serve --max-shard-size`` gets ints
+    that way). ``ValueError`` says what is accepted.
+
+    >>> parse_size("5GB"), parse_size("5Gb"), parse_size("500MiB")
+    (5000000000, 625000000, 524288000)
+    """
     if isinstance(value, int):
-        if value <= 0:
-            raise ValueError(f"size must be a positive number of bytes, got {value}")
-        return value
-    m = _SIZE.match(value)
-    unit = m.group(2).upper() if m else None
-    if m is None or unit not in _UNITS:
-        raise ValueError(
-            f"cannot read size {value!r}: write a number of bytes or a number with a unit "
-            "(KB, MB, GB, TB are powers of 10; KiB, MiB, GiB, TiB are powers of 2), e.g. '5GB'"
-        )
-    size = int(float(m.group(1)) * _UNITS[unit])
+        size = value
+    else:
+        size = _parse(value)
     if size <= 0:
-        raise ValueError(f"size must be positive, got {value!r}")
+        raise ValueError(f"size must be a positive number of bytes, got {value!r}")
     return size
+
+
+def _parse(value: str) -> int:
+    upper = value.upper()
+    try:
+        for unit, factor in _UNITS:
+            if upper.endswith(unit):
+                size = int(value[: -len(unit)]) * factor
+                return size // 8 if unit in ("GB", "MB", "KB") and value.endswith("b") else size
+        if value.strip().isdigit():
+            return int(value)
+    except ValueError:
+        pass
+    raise ValueError(
+        f"cannot read size {value!r}: write a number of bytes or an integer with a unit, as "
+        "Hugging Face does: KB, MB, GB (powers of 10), KiB, MiB, GiB (powers of 2), Kb, Mb, Gb "
+        "(bits), e.g. '5GB'"
+    )
 
 
 def format_size(n: int) -> str:

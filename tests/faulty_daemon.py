@@ -19,6 +19,11 @@ FAULT is one of
 - ``slow-snapshot:SECONDS:STEP``: no storage fault; a ``Snapshot`` frame of STEP takes SECONDS
   more to decode on the layout thread (every frame over 300 bytes goes there), as a frame queued
   behind a huge layout does: its connection is not read meanwhile, while others are served.
+- ``stall-loop:N:SECONDS``: no storage fault; the N-th heartbeat blocks the event loop for
+  SECONDS (a ``time.sleep`` on the loop, as a long computation there would).
+
+In a faulty daemon ``/healthz`` declares the loop stalled after 1 s and the writers wedged after
+2 s (instead of 10 s and 60 s), so tests see it quickly.
 
 OP is a ``Storage`` method (``mkdir``, ``create``, ``pwrite``, ``fsync``, ``close``, ``fsync_dir``,
 ``rename``, ``remove_tree``) or ``any``, optionally followed by ``@GLOB`` to count only calls on a
@@ -220,6 +225,25 @@ if __name__ == "__main__":
 
         connection.HEAVY_FRAME_BYTES = 300
         connection._decode_large = slow_decode  # type: ignore[assignment]
+    if sys.argv[1].startswith("stall-loop:"):
+        from ckptd.daemon import heartbeat
+
+        _, nth, stall_s = sys.argv[1].split(":")
+        beats = [0]
+        real_beat = heartbeat.beat
+
+        def stalling_beat(*args: object) -> None:
+            beats[0] += 1
+            if beats[0] == int(nth):
+                sys.stderr.write(f"faulty_daemon: the event loop stalls for {stall_s} s\n")
+                sys.stderr.flush()
+                time.sleep(float(stall_s))
+            real_beat(*args)  # type: ignore[arg-type]
+
+        heartbeat.beat = stalling_beat  # type: ignore[assignment]
+    from ckptd.daemon import health
+
+    health.LOOP_STALL_S, health.WRITER_STALL_S = 1.0, 2.0
     storage = FaultyStorage(sys.argv[1])
     if storage.kind == "eio-glitch":
         from ckptd.daemon import rootguard

@@ -44,6 +44,7 @@ FILES = [
     "tests/test_operator_cli.py",
     "tests/test_lightning_expectations.py",
     "tests/test_doc_examples.py",
+    "tests/test_service.py",
 ]
 
 
@@ -407,6 +408,24 @@ SCENARIOS = [
         "callback read `h.path` is raised by the next `snapshot()` and by `close()`, one whose "
         "callback read `h.error` is not.",
         r"test_doc_examples\.py::",
+    ),
+    Scenario(
+        "Metrics and /healthz: escaping, refusals, a wedged writer, a stalled loop",
+        "Label values with quotes, backslashes and newlines parse back with prometheus_client's own "
+        "parser; a real daemon exposes README's metric names, process metrics and build info; an "
+        '"already committed" refusal counts in `ckptd_snapshots_refused_total`, not as an I/O '
+        "failure; `/healthz` is 200 normally, 503 naming the writers while every writer's pwrite "
+        "hangs, 503 naming the event loop while it is blocked (answered off the loop), then 200.",
+        r"test_service\.py::test_(label_values|metrics_carry|already_committed|healthz)",
+    ),
+    Scenario(
+        "Deployment files and dependencies as written",
+        "The daemon and ckptd status/ls/verify run with torch unimportable (and -X importtime lists "
+        "none); the Slurm script runs end to end with a stand-in srun (daemon, training, drain); the "
+        "pod is not restarted after training and requests resources; the systemd unit's ckptd passes "
+        "`systemd-analyze verify` after the documented install; every daemon dependency is imported; "
+        "`parse_size` reads sizes as transformers' convert_file_size_to_int.",
+        r"test_service\.py::test_(daemon|pod|systemd|sbatch|every_daemon|parse_size)",
     ),
 ]
 

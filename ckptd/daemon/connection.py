@@ -421,6 +421,7 @@ class Connection:
     def _on_snapshot(self, msg: Snapshot, prepared: Prepared | None) -> None:
         arena = self.arenas.get(msg.arena)
         if self.daemon.stopping:
+            self.daemon.metrics.refuse("stopping")
             self.send(
                 Failed(id=msg.id, code="stopping", message="ckptd is shutting down; snapshot not taken")
             )
@@ -436,6 +437,7 @@ class Connection:
                 self._check_stream(msg)
         except InvalidRequest as e:
             code = "layout_limit" if isinstance(e, LayoutLimit) else "invalid_request"
+            self.daemon.metrics.refuse(code)
             self.send(Failed(id=msg.id, code=code, message=str(e)))
             return
         self.send(Accepted(id=msg.id))

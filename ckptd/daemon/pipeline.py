@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -193,6 +193,10 @@ class Pipeline:
         job = self._jobs.get((run, step))
         return job is not None and job.abandoned is None
 
+    def ping_writers(self) -> Future[None]:
+        """A no-op run by the writer pool: done once a writer thread is free (``health``)."""
+        return self._pool.submit(_noop)
+
     def submit(self, job: Job) -> None:
         key = (job.request.run, job.request.step)
         if self.root is not None and self.root.gone is not None:  # refused at once, nothing held
@@ -273,7 +277,10 @@ class Pipeline:
             job.mark("failed")
             log.error("[run=%s step=%s] failed: %s", req.run, req.step, e)
             failure = _failure(req.id, req.run, req.step, e)
-            self.metrics.fail(failure.code)
+            if isinstance(e, commit.AlreadyCommitted):
+                self.metrics.refuse(failure.code)  # the caller's to fix, not an I/O failure
+            else:
+                self.metrics.fail(failure.code)
             job.reply(failure)
         finally:
             done.set_result(None)
@@ -447,6 +454,10 @@ def _look_at_root(root: RootGuard) -> None:
         log.warning("cannot examine the checkpoint root %s (%s); not taken as gone", root.root, e)
 
 
+def _noop() -> None:
+    pass
+
+
 def _lower_priority(nice: int) -> None:
     """Make the calling writer thread yield the CPU to training processes (Linux schedules each
     thread by its own niceness). The event loop keeps the daemon's priority."""
@@ -489,6 +500,8 @@ def _failure(snapshot_id: int, run: str, step: int, e: BaseException) -> Failed:
         )
     if isinstance(e, RootGone):
         return Failed(id=snapshot_id, code="root_gone", message=f"{where} not taken: {e}")
+    if isinstance(e, commit.AlreadyCommitted):
+        return Failed(id=snapshot_id, code="already_committed", message=f"{e}")
     if isinstance(e, Abandoned):
         return Failed(id=snapshot_id, code="abandoned", message=f"{e}; discarded, nothing was committed")
     code = "commit_error" if isinstance(e, commit.CommitError) else "internal_error"

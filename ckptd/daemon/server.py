@@ -30,7 +30,9 @@ from pathlib import Path
 from ckptd import commit, sockdir
 from ckptd.daemon import connection, heartbeat
 from ckptd.daemon.connection import MAX_ARENAS, Connection
-from ckptd.daemon.metrics import Metrics, serve_metrics
+from ckptd.daemon.health import Health
+from ckptd.daemon.httpd import HttpEndpoint
+from ckptd.daemon.metrics import Metrics
 from ckptd.daemon.notify import Notifier
 from ckptd.daemon.pipeline import STAGE_TIMEOUT_S, Pipeline, PipelineOptions
 from ckptd.daemon.rootguard import CHECK_INTERVAL_S, RootGone, RootGuard
@@ -84,12 +86,16 @@ class Daemon:
             self.storage,
             self.metrics,
         )
+        self.health = Health(self.pipeline)
+        # Read on the HTTP thread: each takes a copy (one C call) of what the loop changes.
         self.metrics.gauges.update(
             snapshots_in_flight=lambda: self.pipeline.in_flight,
-            arena_bytes=lambda: sum(a.size for c in self._connections for a in c.arenas.values()),
+            arena_bytes=lambda: sum(a.size for c in list(self._connections) for a in list(c.arenas.values())),
             clients=self.clients,
+            event_loop_lag_seconds=self.health.loop_lag_s,
         )
-        self._metrics_server: asyncio.Server | None = None
+        self._metrics_server: HttpEndpoint | None = None
+        self._health_watch: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._heartbeats: asyncio.Task[None] | None = None
         self._connections: set[Connection] = set()
@@ -175,8 +181,17 @@ class Daemon:
             loop.add_signal_handler(sig, self._on_signal, sig)
         # Until shutdown's drain is over: clients wait on those snapshots.
         self._heartbeats = asyncio.create_task(heartbeat.send_heartbeats(self.connections, self.pipeline))
+        self._health_watch = asyncio.create_task(self.health.watch())
         if opts.metrics_port is not None:
-            self._metrics_server = await serve_metrics(self.metrics, opts.metrics_host, opts.metrics_port)
+            try:
+                self._metrics_server = HttpEndpoint(
+                    self.metrics, self.health, opts.metrics_host, opts.metrics_port
+                )
+            except OSError as e:
+                raise DaemonError(
+                    f"cannot serve metrics on {opts.metrics_host}:{opts.metrics_port} ({e}); "
+                    "pick another --metrics-port or stop what listens there"
+                ) from e
         log.info("ckptd serving root=%s socket=%s pid=%s", opts.root, opts.socket_path, os.getpid())
         self.notifier.ready(f"serving {opts.root} on {opts.socket_path}")
         if self.notifier.watchdog_interval_s is not None:
@@ -293,7 +308,7 @@ class Daemon:
 
     def clients(self) -> int:
         """Connections of training processes (an operator's ``ckptd status`` is not one)."""
-        return sum(1 for c in self._connections if not c.operator)
+        return sum(1 for c in list(self._connections) if not c.operator)  # a copy: read on the HTTP thread too
 
     def welcome(self) -> Welcome:
         return Welcome(
@@ -341,6 +356,8 @@ class Daemon:
         for conn in conns:
             conn.close()
         self.layout_executor.shutdown(wait=False, cancel_futures=True)
+        if self._health_watch is not None:
+            self._health_watch.cancel()
         if writers:  # let queued replies (the drained jobs' Committed) reach their clients
             await asyncio.wait(writers, timeout=5.0)
         self.pipeline.close()
