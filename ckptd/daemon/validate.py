@@ -6,15 +6,25 @@ file that is not valid safetensors. Every check here says what was wrong.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from ckptd.daemon.rows import ComponentRows, PreparedComponent
 from ckptd.dtypes import ITEMSIZE, numel
-from ckptd.paths import InvalidName, check_name
+from ckptd.manifest import MANIFEST_NAME
+from ckptd.paths import TEMP_MARKER, InvalidName, check_name
 from ckptd.protocol import Snapshot
 
-#: Small text files a snapshot may carry besides its shards.
-ALLOWED_FILES = frozenset({"config.json", "generation_config.json"})
+#: Small files a snapshot may carry besides its shards (config.json, tokenizer and processor files,
+#: trainer_state.json): a plain name with an extension, at the top of the step directory.
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\.[A-Za-z0-9]{1,16}")
+#: Names no small file may have: ckptd's own, weights a loader would read as the model's (ckptd
+#: writes those itself, from the arena), and pickles (never written by ckptd).
+_FORBIDDEN_SUFFIXES = (".safetensors", ".index.json", ".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+#: Small files of one snapshot: how many, and their bytes together (a Gemma 3 tokenizer is 38 MB;
+#: as base64 the bytes must fit one frame, with the tree).
+MAX_FILES = 64
+MAX_FILES_BYTES = 40 * 2**20
 _RESERVED_COMPONENTS = frozenset({"ckptd"})
 MAX_DIMS = 64
 
@@ -47,9 +57,11 @@ def check_snapshot(req: Snapshot, components: Sequence[PreparedComponent], arena
         raise InvalidRequest(f"step must be >= 0, got {req.step}")
     if not 0 <= req.rank < req.world_size:
         raise InvalidRequest(f"rank {req.rank} is not within world_size {req.world_size}")
-    extra = set(req.files) - ALLOWED_FILES
-    if extra:
-        raise InvalidRequest(f"files {sorted(extra)} not allowed; only {sorted(ALLOWED_FILES)}")
+    check_files(req, {c.name for c in components})
+    if req.keep_last is not None and req.keep_last < 1:
+        raise InvalidRequest(
+            f"keep_last must be >= 1 (or None: the daemon's --keep-last), got {req.keep_last}"
+        )
     for c in components:
         for i, shard in enumerate(c.shards):
             if shard.offset < 0 or shard.nbytes < 0 or shard.offset + shard.nbytes > arena_size:
@@ -57,6 +69,42 @@ def check_snapshot(req: Snapshot, components: Sequence[PreparedComponent], arena
                     f"component {c.name!r} shard {i}: bytes [{shard.offset}, "
                     f"{shard.offset + shard.nbytes}) are outside the {arena_size}-byte arena"
                 )
+
+
+def files_bytes(req: Snapshot) -> int:
+    """Bytes of a snapshot's small files (``files`` as UTF-8, and ``blobs``)."""
+    return sum(len(t.encode()) for t in req.files.values()) + sum(len(b) for b in req.blobs.values())
+
+
+def check_files(req: Snapshot, components: set[str]) -> None:
+    """The small files of a snapshot: plain names that collide with nothing ckptd writes, within
+    ``MAX_FILES`` and ``MAX_FILES_BYTES``."""
+    both = set(req.files) & set(req.blobs)
+    if both:
+        raise InvalidRequest(f"files {sorted(both)} are given twice (as text and as bytes)")
+    names = [*req.files, *req.blobs]
+    if len(names) > MAX_FILES:
+        raise InvalidRequest(f"{len(names)} small files; a snapshot carries at most {MAX_FILES}")
+    for name in names:
+        if (
+            not _FILE_NAME.fullmatch(name)
+            or ".." in name
+            or TEMP_MARKER in name
+            or name == MANIFEST_NAME
+            or name.endswith(_FORBIDDEN_SUFFIXES)
+            or name in components
+        ):
+            raise InvalidRequest(
+                f"small file name {name!r} is not allowed: use a plain name with an extension "
+                f"(letters, digits, '_', '-', '.'; no '..'), not {MANIFEST_NAME}, a component's "
+                f"name, nor one ending in {', '.join(_FORBIDDEN_SUFFIXES)} (weights go in tensors)"
+            )
+    nbytes = files_bytes(req)
+    if nbytes > MAX_FILES_BYTES:
+        raise InvalidRequest(
+            f"the snapshot's small files hold {nbytes} bytes, over the limit of {MAX_FILES_BYTES}; "
+            "snapshot large data as tensors"
+        )
 
 
 def _check_component(c: ComponentRows) -> int:
