@@ -81,8 +81,3 @@ def prune_links(output_dir: str | os.PathLike[str], run_dir: Path) -> list[Path]
             entry.unlink(missing_ok=True)
             removed.append(entry)
     return removed
-
-
-def is_link_to(path: Path, run_dir: Path) -> bool:
-    """Whether ``path`` is a ``checkpoint-N`` link into ``run_dir`` (a ckptd step)."""
-    return path.is_symlink() and Path(os.readlink(path)).parent == run_dir.resolve()

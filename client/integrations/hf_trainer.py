@@ -10,8 +10,12 @@
 ``DefaultFlowCallback`` sets in ``on_step_end`` (``save_strategy="steps"``, and at the last step)
 or ``on_epoch_end`` (``"epoch"``); ``_maybe_log_save_evaluate`` then runs ``_save_checkpoint``.
 This callback runs after ``DefaultFlowCallback`` in those same events: when ``should_save`` is set,
-it snapshots the training state to ckptd and clears ``should_save``, so ``_save_checkpoint`` (and
-``on_save``) never run and no ``checkpoint-N`` directory is written. The snapshot holds:
+it snapshots the training state to ckptd and clears ``should_save``, so ``_save_checkpoint`` never
+runs and the weights are written once, by the daemon. Once a step is committed, at the next
+callback point on the training thread, ``output_dir/checkpoint-N`` becomes a symbolic link to its
+step directory, ``on_save`` of every callback fires and ``best_model_checkpoint`` is set (with
+``metric_for_best_model``); ``save_total_limit`` is the snapshot's ``keep_last`` (the daemon's
+retention; links of removed steps go too). The snapshot holds:
 
 - ``model``: the model (a Hugging Face directory: ``from_pretrained`` loads it);
 - ``optimizer``: the optimizer (unwrapped from accelerate's ``AcceleratedOptimizer``), unless
@@ -21,6 +25,9 @@ it snapshots the training state to ckptd and clears ``should_save``, so ``_save_
 - ``trainer_state``: ``TrainerState`` as JSON values (what ``save_to_json`` writes), with the
   current states of stateful callbacks (as ``_save_checkpoint`` records them).
 
+Beside the model's files: the processing class's ``save_pretrained`` files (tokenizer.json, ...;
+made once per training), ``trainer_state.json`` and ``training_args.json`` (no pickle).
+
 It is taken in ``on_step_end``, i.e. after the optimizer step and before this step's logging
 and evaluation: ``trainer_state.log_history`` lacks the log line of the saved step itself. A step
 already committed in the run (resuming from an older step after an earlier attempt went further)
@@ -28,15 +35,18 @@ is kept and not saved again, with a warning: ckptd never overwrites a committed 
 ``save_strategy="best"`` and ``load_best_model_at_end`` need the Trainer's own checkpoints and are
 refused. One process only (no multi-rank coordination yet).
 
-**Resuming.** ``train()`` (or ``prepare_resume`` + ``trainer.train(resume_from_checkpoint=...)``)
-uses the Trainer's own resume logic, so it skips epochs and batches exactly as resuming from a
-``checkpoint-N`` directory does. ``prepare_resume`` reads the checkpoint (checksums verified),
-loads the model, and writes a small temporary resume directory: ``trainer_state.json`` and
-symbolic links to the checkpoint's model shards, index and config (the Trainer reads those
-itself). In ``on_train_begin`` (the optimizer and scheduler exist by then) it loads the optimizer
-and scheduler state and removes the directory, and it restores the RNG states when the Trainer
-would: at ``on_epoch_begin`` when the checkpoint is at an epoch boundary, else at the first
-``on_step_begin`` (after the skipped batches were drawn), as ``Trainer._load_rng_state`` does.
+**Resuming.** ``trainer.train(resume_from_checkpoint=True)`` finds the newest ``checkpoint-N``
+link; the Trainer reads model and ``trainer_state.json`` through it, and ``on_train_begin`` loads
+ckptd step N for the rest (below). ``train()`` (or ``prepare_resume`` +
+``trainer.train(resume_from_checkpoint=...)``) uses the Trainer's own resume logic, so it skips
+epochs and batches exactly as resuming from a ``checkpoint-N`` directory does. ``prepare_resume``
+reads the checkpoint (checksums verified), loads the model, and writes a small temporary resume
+directory: ``trainer_state.json`` and symbolic links to the checkpoint's model shards, index and
+config (the Trainer reads those itself). In ``on_train_begin`` (the optimizer and scheduler exist
+by then) it loads the optimizer and scheduler state and removes the directory, and it restores the
+RNG states when the Trainer would: at ``on_epoch_begin`` when the checkpoint is at an epoch
+boundary, else at the first ``on_step_begin`` (after the skipped batches were drawn), as
+``Trainer._load_rng_state`` does.
 """
 
 from __future__ import annotations
@@ -62,7 +72,7 @@ from client.client import Client
 from client.errors import CheckpointError
 from client.handle import SnapshotHandle
 from client.integrations import capture_rng, from_tree, latest_step, load_step, restore_rng, to_tree
-from client.integrations.hf_outputs import is_link_to, link_checkpoint, processor_files, prune_links
+from client.integrations.hf_outputs import link_checkpoint, processor_files, prune_links
 
 if TYPE_CHECKING:
     from transformers.trainer_utils import TrainOutput
@@ -272,13 +282,21 @@ class CkptdCallback(TrainerCallback):
         (``resume_from_checkpoint=True`` finds ``checkpoint-N``, a link to the ckptd step): load
         that ckptd step, so optimizer, scheduler and RNG are restored as ``prepare_resume`` does.
         A real ``checkpoint-N`` directory of the Trainer's own is the Trainer's to load."""
-        run_dir = self.client.root / (self.run or self.client.run)
+        run = self.run or self.client.run
         own = Path(str(args.output_dir)) / f"checkpoint-{step}"
-        if (own.is_dir() and not is_link_to(own, run_dir)) or not (
-            run_dir / paths.step_dirname(step)
-        ).is_dir():
+        if own.is_symlink():  # a ckptd link: it names the run (another run's link included)
+            target = own.resolve()
+            if target.parent.parent != self.client.root.resolve():
+                log.warning(
+                    "%s links to %s, not a step of ckptd's root: not restoring from ckptd", own, target
+                )
+                return
+            run = target.parent.name
+        elif own.is_dir():
+            return  # the Trainer's own checkpoint: it loads optimizer, scheduler and RNG itself
+        if not (self.client.root / run / paths.step_dirname(step)).is_dir():
             return
-        found, step_dir, loaded = load_step(self.client, run=self.run, step=step)
+        found, step_dir, loaded = load_step(self.client, run=run, step=step)
         self._resume = _Resume(found, loaded, "")
         log.info("resuming from %s (step %d), the Trainer's resume_from_checkpoint", step_dir, found)
 
