@@ -302,11 +302,13 @@ def test_on_save_fires_once_committed_with_best_checkpoint(
     recorder = SaveRecorder()
     trainer.add_callback(recorder)
     CkptdCallback.attach(trainer, connect(daemon)).train()
-    assert [c["step"] for c in recorder.calls] == sorted({c["step"] for c in recorder.calls})
-    assert len(recorder.calls) == 2, recorder.calls  # once per committed step
+    # Once per committed step, with global_step the saved step (as the Trainer's own on_save).
+    assert [c["step"] for c in recorder.calls] == [2, 4], recorder.calls
     assert {c["thread"] for c in recorder.calls} == {threading.get_ident()}  # the training thread
     assert all(c["model"] for c in recorder.calls)
-    assert "checkpoint-2" in recorder.calls[0]["links"]  # the step is there when on_save runs
+    for c in recorder.calls:  # checkpoint-<global_step> is there when on_save runs
+        assert f"checkpoint-{c['step']}" in c["links"]
+    assert trainer.state.global_step == 4
     best = trainer.state.best_global_step
     assert best in (2, 4)
     assert trainer.state.best_model_checkpoint == str(out / f"checkpoint-{best}")

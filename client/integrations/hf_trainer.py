@@ -314,9 +314,15 @@ class CkptdCallback(TrainerCallback):
             link_checkpoint(str(args.output_dir), h.step, h.path)
             self._note_best(args, state)
             if self.trainer is not None:
-                should_save = control.should_save
-                self.trainer.callback_handler.on_save(args, state, control)
-                control.should_save = should_save  # on_save clears it; a save still to come stays
+                # As the Trainer's own on_save sees it: global_step is the saved step (callbacks
+                # name f"checkpoint-{state.global_step}"); training is at a later step, restored.
+                should_save, now = control.should_save, state.global_step
+                state.global_step = h.step
+                try:
+                    self.trainer.callback_handler.on_save(args, state, control)
+                finally:
+                    state.global_step = now
+                    control.should_save = should_save  # on_save clears it; a save to come stays
         if committed:
             prune_links(str(args.output_dir), run_dir)
         self._note_best(args, state)
