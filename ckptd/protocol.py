@@ -36,12 +36,13 @@ milliseconds, so no one client's layout holds the daemon's event loop.
 
 from __future__ import annotations
 
+import base64
 import json
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
+from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
 
 PROTOCOL_VERSION = 5
 #: Largest frame either side accepts; a 20,000-tensor snapshot request is a few MB.
@@ -130,9 +131,16 @@ class Snapshot(Message):
     # Small text files, e.g. config.json: a plain name is the model's (the top of the step
     # directory), ``<component>/<name>`` another component's (``layout.small_file``).
     files: dict[str, str] = {}
+    # Small files as bytes, base64 on the wire (protocol 5): tokenizer and processor files,
+    # trainer_state.json. Keyed and written like ``files``; bounded by ``ckptd.daemon.validate``
+    # (MAX_FILES_BYTES per snapshot, and daemon-wide while held).
+    blobs: dict[str, Base64Bytes] = {}
     rank: int = 0
     world_size: int = 1
     ready: int | None = None  # bytes of the slot already copied (streamed); None: all of it
+    # Committed steps of this run to keep once this one is committed (protocol 5); None: the
+    # daemon's --keep-last. Retention as ever: committed steps only, never the newest.
+    keep_last: int | None = None
 
 
 class Staged(Message):
@@ -363,6 +371,9 @@ def encode_snapshot(  # noqa: PLR0917 - the fields of one frame
     tree: JsonValue,
     files: dict[str, str],
     ready: int | None = None,
+    *,
+    blobs: Mapping[str, bytes] | None = None,
+    keep_last: int | None = None,
 ) -> bytes:
     """A ``Snapshot`` frame naming a registered layout (streamed when ``ready`` is given)."""
     fields: dict[str, object] = {
@@ -377,6 +388,10 @@ def encode_snapshot(  # noqa: PLR0917 - the fields of one frame
     }
     if ready is not None:
         fields["ready"] = ready
+    if blobs:
+        fields["blobs"] = {name: base64.b64encode(data).decode("ascii") for name, data in blobs.items()}
+    if keep_last is not None:
+        fields["keep_last"] = keep_last
     body = json.dumps(fields, allow_nan=False, separators=(",", ":")).encode()
     return _frame(body, "snapshot request")
 

@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -204,6 +204,8 @@ class Client:
         run: str | None = None,
         on_done: Callable[[SnapshotHandle], object] | None = None,
         policy: Policy = "block",
+        files: Mapping[str, bytes] | None = None,
+        keep_last: int | None = None,
     ) -> SnapshotHandle:
         """Copy ``obj``'s tensors into a free arena slot and hand them to the daemon.
 
@@ -217,6 +219,11 @@ class Client:
 
         A failure of an earlier snapshot that nobody looked at is raised here, after this
         snapshot was taken: the error's ``handle`` is this snapshot's handle.
+
+        ``files``: small files (name -> bytes, binary-safe; tokenizer files, trainer_state.json)
+        written at the top of the step directory beside the model's ``config.json``, 40 MiB in all
+        at most. ``keep_last``: once this step is committed, keep only the newest ``keep_last``
+        committed steps of the run (never removing the newest); None: the daemon's --keep-last.
 
         >>> try:                                          # doctest: +SKIP
         ...     handle = ckpt.snapshot(model, step=2)
@@ -232,6 +239,12 @@ class Client:
         run = paths.check_name("run", self.run if run is None else run)
         with self._snapshot_lock:
             flat, channel, plan = self._planned(obj)
+        if keep_last is not None and (isinstance(keep_last, bool) or keep_last < 1):
+            raise ValueError(f"keep_last must be an int >= 1 (or None: the daemon's), got {keep_last!r}")
+        blobs = dict(files or {})
+        twice = sorted(set(blobs) & set(flat.files))
+        if twice:
+            raise ValueError(f"files {twice} are written from the model already (its config)")
         handle = SnapshotHandle(next(self._ids), run, step, started)
         if on_done is not None:
             handle.add_done_callback(on_done)
@@ -241,7 +254,7 @@ class Client:
             log.info("[run=%s step=%s] skipped: every slot is still being written", run, step)
             handle._skip()
             return self._taken(handle)
-        request = Request(run, step, arena, plan, flat.tree, flat.files)
+        request = Request(run, step, arena, plan, flat.tree, flat.files, blobs, keep_last)
         try:
             with self._snapshot_lock:
                 if self._closed:

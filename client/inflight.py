@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydantic import JsonValue
 
@@ -23,10 +23,21 @@ class Request:
     plan: Plan
     tree: JsonValue
     files: dict[str, str]
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    keep_last: int | None = None
 
     def frame(self, snapshot_id: int, ready: int | None = None) -> bytes:
         return encode_snapshot(
-            snapshot_id, self.run, self.step, self.arena.id, self.plan.layout_id, self.tree, self.files, ready
+            snapshot_id,
+            self.run,
+            self.step,
+            self.arena.id,
+            self.plan.layout_id,
+            self.tree,
+            self.files,
+            ready,
+            blobs=self.blobs,
+            keep_last=self.keep_last,
         )
 
 

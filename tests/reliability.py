@@ -45,6 +45,7 @@ FILES = [
     "tests/test_lightning_expectations.py",
     "tests/test_doc_examples.py",
     "tests/test_service.py",
+    "tests/test_hf_trainer_expectations.py",
 ]
 
 
@@ -426,6 +427,26 @@ SCENARIOS = [
         "`systemd-analyze verify` after the documented install; every daemon dependency is imported; "
         "`parse_size` reads sizes as transformers' convert_file_size_to_int.",
         r"test_service\.py::test_(daemon|pod|systemd|sbatch|every_daemon|parse_size)",
+    ),
+    Scenario(
+        "Small files as bytes: tokenizers through the daemon, binary and multi-MB, bounded",
+        "A real Trainer with a tokenizer trained in the test: every file its save_pretrained writes "
+        "is in the step directory byte for byte and `AutoTokenizer.from_pretrained(step_dir)` has "
+        "the same vocabulary, encoding and chat template; a 3 MiB non-UTF-8 tokenizer.model and a "
+        "9 MiB tokenizer.json land intact and verify; files over 40 MiB, or named like weights, "
+        "pickles, ckptd.json or a path, are refused with the limit or rule in the message.",
+        r"test_hf_trainer_expectations\.py::test_(tokenizer_files|small_files|snapshot_frame)",
+    ),
+    Scenario(
+        "HF Trainer idioms: resume_from_checkpoint=True, save_total_limit, on_save, trainer_state.json",
+        "A Trainer stopped after step 5 (ckptd step 3 committed) resumes in a new Trainer with "
+        "`train(resume_from_checkpoint=True)` through the `checkpoint-3` link and ends bit-identical "
+        "to an uninterrupted run; `save_total_limit=2` (and accelerate's `total_limit=2`, and a "
+        "snapshot's `keep_last=2`) leave exactly two committed steps and their links; a recording "
+        "callback's `on_save` runs once per committed step on the training thread with the link in "
+        "place and `best_model_checkpoint` set; `TrainerState.load_from_json` reads the step's "
+        "trainer_state.json, training_args.json is JSON and no pickle is written.",
+        r"test_hf_trainer_expectations\.py::test_(resume_from|save_total|keep_last|accelerate_total|on_save|trainer_state)",
     ),
 ]
 

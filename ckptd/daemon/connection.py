@@ -33,7 +33,7 @@ from ckptd.daemon.arenas import Arena, ArenaError
 from ckptd.daemon.layouts import LayoutParts, PreparedLayout, prepare
 from ckptd.daemon.pipeline import Job
 from ckptd.daemon.rows import ComponentRows, component_rows
-from ckptd.daemon.validate import InvalidRequest, check_snapshot
+from ckptd.daemon.validate import InvalidRequest, check_snapshot, files_bytes
 from ckptd.protocol import (
     PROTOCOL_VERSION,
     Abandon,
@@ -87,6 +87,9 @@ MAX_QUEUED_REPLY_BYTES = 16 * 2**20
 #: than FRAME_BYTES_BLAMED of them is refused (a legitimate frame is a few MB and sent at once).
 MAX_PENDING_FRAME_BYTES = 2**30
 FRAME_BYTES_BLAMED = 16 * 2**20
+#: Bytes of small files (tokenizers, configs) that the snapshots in flight may hold in the
+#: daemon's memory together; each snapshot's are bounded by ``validate.MAX_FILES_BYTES``.
+MAX_HELD_FILE_BYTES = 512 * 2**20
 
 
 class Connection:
@@ -431,6 +434,13 @@ class Connection:
                 raise InvalidRequest(f"arena {msg.arena} is not registered on this connection")
             layout = self._layout_of(msg, prepared)
             check_snapshot(msg, layout.components, arena.size)
+            file_bytes = files_bytes(msg)
+            if file_bytes and self.daemon.pipeline.file_bytes_held + file_bytes > MAX_HELD_FILE_BYTES:
+                raise InvalidRequest(
+                    f"snapshots in flight hold {self.daemon.pipeline.file_bytes_held} bytes of small "
+                    f"files; this one's {file_bytes} would pass the daemon's {MAX_HELD_FILE_BYTES}; "
+                    "snapshot again once earlier ones are committed"
+                )
             if self.daemon.pipeline.busy(msg.run, msg.step):
                 raise InvalidRequest(f"step {msg.step} of run {msg.run!r} is already being written")
             if msg.ready is not None:
@@ -441,7 +451,14 @@ class Connection:
             self.send(Failed(id=msg.id, code=code, message=str(e)))
             return
         self.send(Accepted(id=msg.id))
-        job = Job(request=msg, layout=layout, arena=arena, reply=self.send, nbytes=layout.nbytes)
+        job = Job(
+            request=msg,
+            layout=layout,
+            arena=arena,
+            reply=self.send,
+            nbytes=layout.nbytes,
+            file_bytes=file_bytes,
+        )
         if not job.complete:
             self.streaming[msg.id] = job
         self.daemon.pipeline.submit(job)

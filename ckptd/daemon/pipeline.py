@@ -71,6 +71,7 @@ class Job:
     abandoned: str | None = None
     stage_timeout_s: float = STAGE_TIMEOUT_S
     finished: bool = False  # committed or failed
+    file_bytes: int = 0  # of the request's small files, held until it finishes
     _cond: threading.Condition = field(default_factory=threading.Condition)
     #: Bytes of each shard being written (by its offset) read into the write so far.
     _partial: dict[int, int] = field(default_factory=dict)
@@ -186,6 +187,11 @@ class Pipeline:
     @property
     def in_flight(self) -> int:
         return len(self._jobs)
+
+    @property
+    def file_bytes_held(self) -> int:
+        """Bytes of small files that the jobs in flight hold in the daemon's memory."""
+        return sum(j.file_bytes for j in self._jobs.values())
 
     def busy(self, run: str, step: int) -> bool:
         """Whether a snapshot of this step is being written (an abandoned one is only unwinding:
@@ -311,10 +317,12 @@ class Pipeline:
             raise
         job.mark("committed")
         job.checksums = {s.file: s.xxh3_128 for c in manifest.components for s in c.shards}
-        if self.options.keep_last:
+        # The snapshot's own keep_last (save_total_limit, ...) or the daemon's --keep-last.
+        keep_last = self.options.keep_last if req.keep_last is None else req.keep_last
+        if keep_last:
             try:
                 removed = await loop.run_in_executor(
-                    None, commit.apply_retention, st, staged.run_dir, self.options.keep_last, path
+                    None, commit.apply_retention, st, staged.run_dir, keep_last, path
                 )
                 if removed:
                     log.info(
@@ -424,8 +432,10 @@ class Pipeline:
             for c, index in zip(components, job.layout.indexes, strict=True)
             if c.index is not None and index is not None
         ]
-        for path, text in sorted(req.files.items()):  # ``layout.small_file`` paths, checked
-            files.append(commit.write_file(st, staged.temp_dir / path, text.encode(), staged.temp_dir))
+        # ``layout.small_file`` paths (checked): text ``files`` and bytes ``blobs``.
+        small = {**{n: t.encode() for n, t in req.files.items()}, **req.blobs}
+        for path, data in sorted(small.items()):
+            files.append(commit.write_file(st, staged.temp_dir / path, data, staged.temp_dir))
         job.timings["write_s"] = round(time.monotonic() - job.started, 6)
         manifest = Manifest(
             ckptd_version=__version__,

@@ -6,17 +6,26 @@ file that is not valid safetensors. Every check here says what was wrong.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from ckptd.daemon.rows import ComponentRows, PreparedComponent
 from ckptd.dtypes import ITEMSIZE, numel
 from ckptd.layout import MODEL, small_file, split_small_file
 from ckptd.manifest import MANIFEST_NAME
-from ckptd.paths import InvalidName, check_name
+from ckptd.paths import TEMP_MARKER, InvalidName, check_name
 from ckptd.protocol import Snapshot
 
-#: Small text files a snapshot may carry besides its shards.
-ALLOWED_FILES = frozenset({"config.json", "generation_config.json"})
+#: Small files a snapshot may carry besides its shards (config.json, tokenizer and processor files,
+#: trainer_state.json): a plain name with an extension, at the top of the step directory.
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\.[A-Za-z0-9]{1,16}")
+#: Names no small file may have: ckptd's own, weights a loader would read as the model's (ckptd
+#: writes those itself, from the arena), and pickles (never written by ckptd).
+_FORBIDDEN_SUFFIXES = (".safetensors", ".index.json", ".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+#: Small files of one snapshot: how many, and their bytes together (a Gemma 3 tokenizer is 38 MB;
+#: as base64 the bytes must fit one frame, with the tree).
+MAX_FILES = 64
+MAX_FILES_BYTES = 40 * 2**20
 _RESERVED_COMPONENTS = frozenset({"ckptd"})
 MAX_DIMS = 64
 
@@ -49,7 +58,11 @@ def check_snapshot(req: Snapshot, components: Sequence[PreparedComponent], arena
         raise InvalidRequest(f"step must be >= 0, got {req.step}")
     if not 0 <= req.rank < req.world_size:
         raise InvalidRequest(f"rank {req.rank} is not within world_size {req.world_size}")
-    _check_files(req, components)
+    check_files(req, components)
+    if req.keep_last is not None and req.keep_last < 1:
+        raise InvalidRequest(
+            f"keep_last must be >= 1 (or None: the daemon's --keep-last), got {req.keep_last}"
+        )
     for c in components:
         for i, shard in enumerate(c.shards):
             if shard.offset < 0 or shard.nbytes < 0 or shard.offset + shard.nbytes > arena_size:
@@ -59,20 +72,49 @@ def check_snapshot(req: Snapshot, components: Sequence[PreparedComponent], arena
                 )
 
 
-def _check_files(req: Snapshot, components: Sequence[PreparedComponent]) -> None:
-    """Small files are the model's (a plain name) or another component's of this snapshot
-    (``<component>/<name>``), and no component's directory takes a name a model file has."""
+def files_bytes(req: Snapshot) -> int:
+    """Bytes of a snapshot's small files (``files`` as UTF-8, and ``blobs``)."""
+    return sum(len(t.encode()) for t in req.files.values()) + sum(len(b) for b in req.blobs.values())
+
+
+def check_files(req: Snapshot, components: Sequence[PreparedComponent]) -> None:
+    """The small files of a snapshot: the model's (a plain name) or another component's of this
+    snapshot (``<component>/<name>``), each name plain with an extension and colliding with
+    nothing ckptd writes, within ``MAX_FILES`` and ``MAX_FILES_BYTES``; and no component's
+    directory takes a name a model file has."""
+    both = set(req.files) & set(req.blobs)
+    if both:
+        raise InvalidRequest(f"files {sorted(both)} are given twice (as text and as bytes)")
+    keys = [*req.files, *req.blobs]
+    if len(keys) > MAX_FILES:
+        raise InvalidRequest(f"{len(keys)} small files; a snapshot carries at most {MAX_FILES}")
     names = {c.name for c in components}
-    for key in req.files:
+    for key in keys:
         component, name = split_small_file(key)
-        if name not in ALLOWED_FILES or small_file(component, name) != key:
+        if (
+            not _FILE_NAME.fullmatch(name)
+            or ".." in name
+            or TEMP_MARKER in name
+            or name == MANIFEST_NAME
+            or name.endswith(_FORBIDDEN_SUFFIXES)
+            or name in names
+            or small_file(component, name) != key
+        ):
             raise InvalidRequest(
-                f"file {key!r} not allowed; only {sorted(ALLOWED_FILES)}, each as the model's "
-                "(a plain name) or as '<component>/<name>'"
+                f"small file name {key!r} is not allowed: use a plain name with an extension "
+                f"(letters, digits, '_', '-', '.'; no '..'), as the model's or as '<component>/<name>', "
+                f"not {MANIFEST_NAME}, a component's name, nor one ending in "
+                f"{', '.join(_FORBIDDEN_SUFFIXES)} (weights go in tensors)"
             )
         if component != MODEL and component not in names:
             raise InvalidRequest(f"file {key!r} belongs to no component of the snapshot {sorted(names)}")
-    top = {MANIFEST_NAME, *req.files}
+    nbytes = files_bytes(req)
+    if nbytes > MAX_FILES_BYTES:
+        raise InvalidRequest(
+            f"the snapshot's small files hold {nbytes} bytes, over the limit of {MAX_FILES_BYTES}; "
+            "snapshot large data as tensors"
+        )
+    top = {MANIFEST_NAME, *keys}
     for c in components:
         if not c.files.dir:
             top.update(c.files.shard(i) for i in range(len(c.shards)))

@@ -124,7 +124,11 @@ class CkptdSaveState:
         tree: dict[str, Any] = {
             _key(i): snapshot_view(self.accelerator.unwrap_model(m)) for i, m in enumerate(models)
         }
-        handle = self.client.snapshot(tree, step=step, run=self.run)
+        # accelerate removes its oldest checkpoint directories past total_limit (with automatic
+        # naming only): ckptd's retention removes their steps likewise (committed ones only).
+        project = self.accelerator.project_configuration
+        keep_last = project.total_limit if project.automatic_checkpoint_naming else None
+        handle = self.client.snapshot(tree, step=step, run=self.run, keep_last=keep_last)
         _write_json(
             Path(output_dir) / POINTER,
             {"root": str(self.client.root), "run": self.run, "step": step, "models": len(models)},

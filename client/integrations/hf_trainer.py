@@ -10,8 +10,12 @@
 ``DefaultFlowCallback`` sets in ``on_step_end`` (``save_strategy="steps"``, and at the last step)
 or ``on_epoch_end`` (``"epoch"``); ``_maybe_log_save_evaluate`` then runs ``_save_checkpoint``.
 This callback runs after ``DefaultFlowCallback`` in those same events: when ``should_save`` is set,
-it snapshots the training state to ckptd and clears ``should_save``, so ``_save_checkpoint`` (and
-``on_save``) never run and no ``checkpoint-N`` directory is written. The snapshot holds:
+it snapshots the training state to ckptd and clears ``should_save``, so ``_save_checkpoint`` never
+runs and the weights are written once, by the daemon. Once a step is committed, at the next
+callback point on the training thread, ``output_dir/checkpoint-N`` becomes a symbolic link to its
+step directory, ``on_save`` of every callback fires and ``best_model_checkpoint`` is set (with
+``metric_for_best_model``); ``save_total_limit`` is the snapshot's ``keep_last`` (the daemon's
+retention; links of removed steps go too). The snapshot holds:
 
 - ``model``: the model (a Hugging Face directory: ``from_pretrained`` loads it);
 - ``optimizer``: the optimizer (unwrapped from accelerate's ``AcceleratedOptimizer``), unless
@@ -21,6 +25,9 @@ it snapshots the training state to ckptd and clears ``should_save``, so ``_save_
 - ``trainer_state``: ``TrainerState`` as JSON values (what ``save_to_json`` writes), with the
   current states of stateful callbacks (as ``_save_checkpoint`` records them).
 
+Beside the model's files: the processing class's ``save_pretrained`` files (tokenizer.json, ...;
+made once per training), ``trainer_state.json`` and ``training_args.json`` (no pickle).
+
 It is taken in ``on_step_end``, i.e. after the optimizer step and before this step's logging
 and evaluation: ``trainer_state.log_history`` lacks the log line of the saved step itself. A step
 already committed in the run (resuming from an older step after an earlier attempt went further)
@@ -28,15 +35,18 @@ is kept and not saved again, with a warning: ckptd never overwrites a committed 
 ``save_strategy="best"`` and ``load_best_model_at_end`` need the Trainer's own checkpoints and are
 refused. One process only (no multi-rank coordination yet).
 
-**Resuming.** ``train()`` (or ``prepare_resume`` + ``trainer.train(resume_from_checkpoint=...)``)
-uses the Trainer's own resume logic, so it skips epochs and batches exactly as resuming from a
-``checkpoint-N`` directory does. ``prepare_resume`` reads the checkpoint (checksums verified),
-loads the model, and writes a small temporary resume directory: ``trainer_state.json`` and
-symbolic links to the checkpoint's model shards, index and config (the Trainer reads those
-itself). In ``on_train_begin`` (the optimizer and scheduler exist by then) it loads the optimizer
-and scheduler state and removes the directory, and it restores the RNG states when the Trainer
-would: at ``on_epoch_begin`` when the checkpoint is at an epoch boundary, else at the first
-``on_step_begin`` (after the skipped batches were drawn), as ``Trainer._load_rng_state`` does.
+**Resuming.** ``trainer.train(resume_from_checkpoint=True)`` finds the newest ``checkpoint-N``
+link; the Trainer reads model and ``trainer_state.json`` through it, and ``on_train_begin`` loads
+ckptd step N for the rest (below). ``train()`` (or ``prepare_resume`` +
+``trainer.train(resume_from_checkpoint=...)``) uses the Trainer's own resume logic, so it skips
+epochs and batches exactly as resuming from a ``checkpoint-N`` directory does. ``prepare_resume``
+reads the checkpoint (checksums verified), loads the model, and writes a small temporary resume
+directory: ``trainer_state.json`` and symbolic links to the checkpoint's model shards, index and
+config (the Trainer reads those itself). In ``on_train_begin`` (the optimizer and scheduler exist
+by then) it loads the optimizer and scheduler state and removes the directory, and it restores the
+RNG states when the Trainer would: at ``on_epoch_begin`` when the checkpoint is at an epoch
+boundary, else at the first ``on_step_begin`` (after the skipped batches were drawn), as
+``Trainer._load_rng_state`` does.
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -62,12 +73,14 @@ from client.client import Client
 from client.errors import CheckpointError
 from client.handle import SnapshotHandle
 from client.integrations import capture_rng, from_tree, latest_step, load_step, restore_rng, to_tree
+from client.integrations.hf_outputs import link_checkpoint, processor_files, prune_links
 
 if TYPE_CHECKING:
     from transformers.trainer_utils import TrainOutput
 
 log = logging.getLogger(__name__)
 Policy = Literal["block", "skip", "error"]
+_CONFIG_FILES = frozenset({"config.json", "generation_config.json"})  # written from the model
 
 
 @dataclass
@@ -99,6 +112,8 @@ class CkptdCallback(TrainerCallback):
         self._resume: _Resume | None = None
         self._last_step: int | None = None
         self._warned_committed = False  # one warning for all the already-committed steps skipped
+        self._unannounced: list[SnapshotHandle] = []  # on_save not yet fired for these
+        self._processor: tuple[object, dict[str, bytes]] | None = None  # its files, made once
 
     # --- wiring ----------------------------------------------------------------------------------
 
@@ -159,6 +174,9 @@ class CkptdCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         _check_args(args)
+        self._processor = None
+        if self._resume is None and state.global_step > 0:
+            self._resume_from_link(args, state.global_step)
         resume = self._resume
         if resume is None:
             return
@@ -171,7 +189,8 @@ class CkptdCallback(TrainerCallback):
             )
             self._discard_resume()
             return
-        shutil.rmtree(resume.directory, ignore_errors=True)
+        if resume.directory:
+            shutil.rmtree(resume.directory, ignore_errors=True)
         model, optimizer, scheduler = kwargs.get("model"), kwargs.get("optimizer"), kwargs.get("lr_scheduler")
         if optimizer is not None and "optimizer" in resume.loaded:
             restore_mod.apply(
@@ -201,6 +220,7 @@ class CkptdCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self._maybe_restore_rng("step")
+        self._announce(args, state, control)
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -208,6 +228,7 @@ class CkptdCallback(TrainerCallback):
         if control.should_save:
             control.should_save = False  # the Trainer's own _save_checkpoint must not run
             self._save(args, state, control, kwargs)
+        self._announce(args, state, control)
 
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -215,6 +236,17 @@ class CkptdCallback(TrainerCallback):
         if control.should_save:
             control.should_save = False
             self._save(args, state, control, kwargs)
+        self._announce(args, state, control)
+
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._announce(args, state, control)
+
+    def on_evaluate(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._announce(args, state, control)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -222,6 +254,7 @@ class CkptdCallback(TrainerCallback):
         self._discard_resume()
         if self.wait_at_end:
             self.wait()
+        self._announce(args, state, control)
 
     # --- internals -------------------------------------------------------------------------------
 
@@ -240,8 +273,70 @@ class CkptdCallback(TrainerCallback):
 
     def _discard_resume(self) -> None:
         if self._resume is not None:
-            shutil.rmtree(self._resume.directory, ignore_errors=True)
+            if self._resume.directory:
+                shutil.rmtree(self._resume.directory, ignore_errors=True)
             self._resume = None
+
+    def _resume_from_link(self, args: TrainingArguments, step: int) -> None:
+        """The Trainer resumed at ``step`` from a checkpoint of its choosing
+        (``resume_from_checkpoint=True`` finds ``checkpoint-N``, a link to the ckptd step): load
+        that ckptd step, so optimizer, scheduler and RNG are restored as ``prepare_resume`` does.
+        A real ``checkpoint-N`` directory of the Trainer's own is the Trainer's to load."""
+        run = self.run or self.client.run
+        own = Path(str(args.output_dir)) / f"checkpoint-{step}"
+        if own.is_symlink():  # a ckptd link: it names the run (another run's link included)
+            target = own.resolve()
+            if target.parent.parent != self.client.root.resolve():
+                log.warning(
+                    "%s links to %s, not a step of ckptd's root: not restoring from ckptd", own, target
+                )
+                return
+            run = target.parent.name
+        elif own.is_dir():
+            return  # the Trainer's own checkpoint: it loads optimizer, scheduler and RNG itself
+        if not (self.client.root / run / paths.step_dirname(step)).is_dir():
+            return
+        found, step_dir, loaded = load_step(self.client, run=run, step=step)
+        self._resume = _Resume(found, loaded, "")
+        log.info("resuming from %s (step %d), the Trainer's resume_from_checkpoint", step_dir, found)
+
+    def _announce(self, args: TrainingArguments, state: TrainerState, control: TrainerControl) -> None:
+        """On the training thread: for each snapshot committed since the last call (in step
+        order), link ``output_dir/checkpoint-N`` to it and fire ``on_save`` of every callback, as
+        ``_save_checkpoint`` would have; drop the links of steps that retention removed."""
+        done = [h for h in self._unannounced if h.done_now()]
+        self._unannounced = [h for h in self._unannounced if h not in done]  # failures: wait()
+        committed = sorted((h for h in done if h.path is not None), key=lambda h: h.step)
+        run_dir = self.client.root / (self.run or self.client.run)
+        for h in committed:
+            if h.path is None:
+                continue
+            link_checkpoint(str(args.output_dir), h.step, h.path)
+            self._note_best(args, state)
+            if self.trainer is not None:
+                # As the Trainer's own on_save sees it: global_step is the saved step (callbacks
+                # name f"checkpoint-{state.global_step}"); training is at a later step, restored.
+                should_save, now = control.should_save, state.global_step
+                state.global_step = h.step
+                try:
+                    self.trainer.callback_handler.on_save(args, state, control)
+                finally:
+                    state.global_step = now
+                    control.should_save = should_save  # on_save clears it; a save to come stays
+        if committed:
+            prune_links(str(args.output_dir), run_dir)
+        self._note_best(args, state)
+
+    @staticmethod
+    def _note_best(args: TrainingArguments, state: TrainerState) -> None:
+        """``best_model_checkpoint``, as ``_save_checkpoint`` sets it: the link of the best step
+        (``metric_for_best_model``), once that step is committed."""
+        best = getattr(state, "best_global_step", None)
+        if args.metric_for_best_model is None or not best:
+            return
+        link = Path(str(args.output_dir)) / f"checkpoint-{best}"
+        if link.is_dir():
+            state.best_model_checkpoint = str(link)
 
     def _save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, kwargs: Mapping[str, Any]
@@ -275,18 +370,38 @@ class CkptdCallback(TrainerCallback):
         if scheduler is not None and not args.save_only_model and hasattr(scheduler, "state_dict"):
             tree["lr_scheduler"] = to_tree(scheduler.state_dict(), "lr_scheduler")
         tree["rng"] = capture_rng()
-        tree["trainer_state"] = self._trainer_state(state, control)
+        trainer_state = self._trainer_state(state, control)
+        tree["trainer_state"] = to_tree(trainer_state, "trainer_state")
         tree["step"] = step
-        handle = self.client.snapshot(tree, step=step, run=run, policy=self.policy)
+        files = {
+            **self._processor_files(kwargs.get("processing_class") or kwargs.get("tokenizer")),
+            # As TrainerState.save_to_json and TrainingArguments.to_json_string write them (no
+            # training_args.bin: that is a pickle).
+            "trainer_state.json": (json.dumps(trainer_state, indent=2, sort_keys=True) + "\n").encode(),
+            "training_args.json": args.to_json_string().encode(),  # type: ignore[no-untyped-call]
+        }
+        limit = args.save_total_limit
+        keep_last = limit if limit is not None and limit > 0 else None
+        handle = self.client.snapshot(
+            tree, step=step, run=run, policy=self.policy, files=files, keep_last=keep_last
+        )
         self._last_step = step
         # Forget committed ones; pending and failed ones stay for wait() (a failure is also raised
         # by the client's next snapshot()).
         self.handles = [h for h in self.handles if h.path is None and not h.skipped]
         self.handles.append(handle)
+        if not handle.skipped:
+            self._unannounced.append(handle)
 
-    def _trainer_state(self, state: TrainerState, control: TrainerControl) -> Any:
-        """``TrainerState`` as JSON values, with stateful callbacks' current states recorded as
-        ``Trainer._save_checkpoint`` records them."""
+    def _processor_files(self, processing_class: object) -> dict[str, bytes]:
+        """The tokenizer's (processor's) files, made by its ``save_pretrained`` once per training."""
+        if self._processor is None or self._processor[0] is not processing_class:
+            self._processor = (processing_class, processor_files(processing_class, _CONFIG_FILES))
+        return self._processor[1]
+
+    def _trainer_state(self, state: TrainerState, control: TrainerControl) -> dict[str, Any]:
+        """``TrainerState`` as JSON values (what ``save_to_json`` writes), with stateful
+        callbacks' current states recorded as ``Trainer._save_checkpoint`` records them."""
         data = json.loads(json.dumps(dataclasses.asdict(state)))  # as TrainerState.save_to_json
         if self.trainer is not None:
             self.trainer.store_flos()
@@ -298,7 +413,7 @@ class CkptdCallback(TrainerCallback):
         for cb in stateful:
             if isinstance(cb, ExportableState) and not isinstance(saved.get(type(cb).__name__), list):
                 saved[type(cb).__name__] = json.loads(json.dumps(cb.state()))
-        return to_tree(data, "trainer_state")
+        return dict(data)
 
 
 def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
