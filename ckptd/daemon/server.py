@@ -308,7 +308,8 @@ class Daemon:
 
     def clients(self) -> int:
         """Connections of training processes (an operator's ``ckptd status`` is not one)."""
-        return sum(1 for c in list(self._connections) if not c.operator)  # a copy: read on the HTTP thread too
+        # A copy of the set: read on the HTTP thread too.
+        return sum(1 for c in list(self._connections) if not c.operator)
 
     def welcome(self) -> Welcome:
         return Welcome(
