@@ -107,7 +107,10 @@ def check_files(req: Snapshot, components: Sequence[PreparedComponent]) -> None:
                 f"{', '.join(_FORBIDDEN_SUFFIXES)} (weights go in tensors)"
             )
         if component != MODEL and component not in names:
-            raise InvalidRequest(f"file {key!r} belongs to no component of the snapshot {sorted(names)}")
+            raise InvalidRequest(
+                f"small file {key!r} is not allowed: '<component>/<name>' must name a component of "
+                f"the snapshot {sorted(names)}"
+            )
     nbytes = files_bytes(req)
     if nbytes > MAX_FILES_BYTES:
         raise InvalidRequest(

@@ -156,7 +156,8 @@ class CkptdCallback(TrainerCallback):
         with open(os.path.join(directory, "trainer_state.json"), "w") as f:
             json.dump(loaded["trainer_state"], f, indent=2, sort_keys=True)
         for entry in reading.model_files(read_manifest(step_dir)):  # what save_pretrained writes
-            os.symlink(step_dir / entry, os.path.join(directory, entry))
+            if entry != "trainer_state.json":  # written above, from the tree
+                os.symlink(step_dir / entry, os.path.join(directory, entry))
         self._discard_resume()
         self._resume = _Resume(found, loaded, directory)
         log.info("resuming from %s (step %d)", step_dir, found)
