@@ -54,7 +54,8 @@ class CommitError(RuntimeError):
     """The checkpoint could not be made visible; nothing partial was."""
 
 
-def stage(storage: Storage, root: Path, run: str, step: int) -> StagedCheckpoint:
+def stage(storage: Storage, root: Path, run: str, step: int, *, nonce: str | None = None) -> StagedCheckpoint:
+    """Make the temp directory of a step (``nonce`` names it: a multi-rank job's uid, or random)."""
     run_dir = root / paths.check_name("run", run)
     if run_dir.is_symlink():
         raise CommitError(f"{run_dir} is a symlink; ckptd writes only to real directories under its root")
@@ -64,7 +65,8 @@ def stage(storage: Storage, root: Path, run: str, step: int) -> StagedCheckpoint
         except FileExistsError:
             pass
         storage.fsync_dir(root)
-    staged = StagedCheckpoint(run_dir, step, run_dir / paths.temp_dirname(step, secrets.token_hex(4)))
+    nonce = secrets.token_hex(4) if nonce is None else nonce
+    staged = StagedCheckpoint(run_dir, step, run_dir / paths.temp_dirname(step, nonce))
     found = safeio.lstat_kind(staged.final_dir)  # a link is not followed: it is what is there
     if found == "a directory":
         raise CommitError(

@@ -43,7 +43,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 #: Largest frame either side accepts; a 20,000-tensor snapshot request is a few MB.
 MAX_FRAME_BYTES = 64 * 2**20
 #: A layout whose components serialize to more than this is sent in parts of at most
@@ -126,6 +126,13 @@ class Snapshot(Message):
     rank: int = 0
     world_size: int = 1
     ready: int | None = None  # bytes of the slot already copied (streamed); None: all of it
+    # A rank's part of a multi-rank step (protocol 5; ``world_size`` > 1): the job all its ranks
+    # share (drawn by rank 0 at connect), the shards of the layout this rank copied and the daemon
+    # writes (global indexes, every component's shards in order), and how long the daemon waits
+    # for the other ranks' parts before the step fails (seconds, from the first part).
+    job: str = ""
+    owned: list[int] | None = None
+    commit_timeout_s: float = 600.0
 
 
 class Staged(Message):
@@ -329,8 +336,11 @@ def encode_snapshot(  # noqa: PLR0917 - the fields of one frame
     tree: JsonValue,
     files: dict[str, str],
     ready: int | None = None,
+    part: dict[str, object] | None = None,
 ) -> bytes:
-    """A ``Snapshot`` frame naming a registered layout (streamed when ``ready`` is given)."""
+    """A ``Snapshot`` frame naming a registered layout (streamed when ``ready`` is given);
+    ``part`` holds the multi-rank fields (``rank``, ``world_size``, ``job``, ``owned``,
+    ``commit_timeout_s``)."""
     fields: dict[str, object] = {
         "kind": "snapshot",
         "id": snapshot_id,
@@ -343,6 +353,8 @@ def encode_snapshot(  # noqa: PLR0917 - the fields of one frame
     }
     if ready is not None:
         fields["ready"] = ready
+    if part:
+        fields.update(part)
     body = json.dumps(fields, allow_nan=False, separators=(",", ":")).encode()
     return _frame(body, "snapshot request")
 

@@ -23,10 +23,19 @@ class Request:
     plan: Plan
     tree: JsonValue
     files: dict[str, str]
+    part: dict[str, object] | None = None  # under torchrun: rank, world_size, job, owned shards
 
     def frame(self, snapshot_id: int, ready: int | None = None) -> bytes:
         return encode_snapshot(
-            snapshot_id, self.run, self.step, self.arena.id, self.plan.layout_id, self.tree, self.files, ready
+            snapshot_id,
+            self.run,
+            self.step,
+            self.arena.id,
+            self.plan.layout_id,
+            self.tree,
+            self.files,
+            ready,
+            self.part,
         )
 
 

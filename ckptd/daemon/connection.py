@@ -425,7 +425,7 @@ class Connection:
                 raise InvalidRequest(f"arena {msg.arena} is not registered on this connection")
             layout = self._layout_of(msg, prepared)
             check_snapshot(msg, layout.components, arena.size)
-            if self.daemon.pipeline.busy(msg.run, msg.step):
+            if self.daemon.pipeline.busy(msg.run, msg.step, msg.rank if msg.world_size > 1 else 0):
                 raise InvalidRequest(f"step {msg.step} of run {msg.run!r} is already being written")
             if msg.ready is not None:
                 self._check_stream(msg)
