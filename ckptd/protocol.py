@@ -32,6 +32,12 @@ files once. A ``Snapshot`` may instead carry its ``components`` inline. A layout
 continues the previous part's last one when it has the same name, and its first shard continues
 that component's last shard when ``continues_shard`` is set. Each part is decoded in a few
 milliseconds, so no one client's layout holds the daemon's event loop.
+
+Protocol 5: a rank of a ``torchrun`` job sends its part of a step as a ``Snapshot`` with
+``world_size`` > 1, its ``rank``, the job's uid (``job``) and the shards it copied (``owned``);
+the daemon commits the step once every rank's part is durable and replies ``Committed`` (or the
+same ``Failed``, naming the rank that failed or the ranks missing) to every rank
+(``ckptd/daemon/parts.py``).
 """
 
 from __future__ import annotations
@@ -132,7 +138,7 @@ class Snapshot(Message):
     # for the other ranks' parts before the step fails (seconds, from the first part).
     job: str = ""
     owned: list[int] | None = None
-    commit_timeout_s: float = 600.0
+    commit_timeout_s: float = 120.0
 
 
 class Staged(Message):

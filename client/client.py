@@ -76,8 +76,9 @@ class ClientOptions:
     # heartbeats going on, before it fails with `daemon_stuck` (its storage hangs: a dead NFS mount).
     stuck_timeout_s: float = 300.0
     # Under torchrun (several ranks): seconds the daemon waits, from the first rank's part of a
-    # step, for every other rank's before the step fails naming the ranks missing.
-    commit_timeout_s: float = 600.0
+    # step, for every other rank's before the step fails naming the ranks missing. Below
+    # stuck_timeout_s: a part waiting for its peers makes no progress meanwhile.
+    commit_timeout_s: float = 120.0
     # Timeout of the client's own gloo group: bounds the collectives of connect() and restore().
     group_timeout_s: float = 1800.0
 
@@ -156,9 +157,13 @@ class Client:
         client = cls(Path(socket_path) if socket_path else default_socket(), run, autostart, opts)
         chosen = root if root is not None else os.environ.get("CKPTD_ROOT")
         client._expected_root = Path(chosen).absolute() if chosen else None
+        if not 0 < opts.commit_timeout_s < opts.stuck_timeout_s:
+            raise ValueError(
+                f"commit_timeout_s must be > 0 and below stuck_timeout_s={opts.stuck_timeout_s:g} "
+                f"(seconds), got {opts.commit_timeout_s}: a part waiting that long for its peers "
+                "would be taken for stuck storage"
+            )
         client._reconnect()
-        if not opts.commit_timeout_s > 0:
-            raise ValueError(f"commit_timeout_s must be > 0 (seconds), got {opts.commit_timeout_s}")
         client._ranks = ranks_mod.join(process_group, opts.group_timeout_s)
         if client._ranks is not None and client._channel is not None:
             ranks_mod.check_one_daemon(client._ranks, client._channel.welcome.instance, str(client.root))

@@ -41,6 +41,7 @@ FILES = [
     "tests/test_bad_tensors.py",
     "tests/test_handoff_faults.py",
     "tests/test_layout_limits.py",
+    "tests/test_multirank.py",
 ]
 
 
@@ -366,6 +367,33 @@ SCENARIOS = [
         "step 1 bit-exact; a step whose shards each fit the (patched) memory bound but together do "
         "not: `load` raises `CheckpointTooLarge` naming the total, the bound and safe_open.",
         r"test_hostile_files\.py::test_(huge_sparse_index|shard_with_sparse_bytes|step_whose_shards)",
+    ),
+    Scenario(
+        "DDP under torchrun: one checkpoint, each byte written once",
+        "Real `torchrun` (gloo, CPU), 2 and 4 ranks, DDP on a tiny Qwen2, one daemon: one step "
+        "directory, `from_pretrained` bit-exact to rank 0's model, `ckptd verify` passes, the "
+        "manifest names which rank wrote each shard (as assigned), the parts' bytes sum to one "
+        "copy; restore under the same ranks returns the step, bit-exact on every rank.",
+        r"test_multirank\.py::test_ddp_step_is_one_checkpoint_written_once",
+    ),
+    Scenario(
+        "Every trainer SIGKILLed after all ranks' snapshot() returned",
+        "2 ranks, writes slowed 0.3 s each: every rank SIGKILLs itself after a barrier that follows "
+        "its snapshot(); the step commits afterwards, verifies, LATEST moves, the daemon lives.",
+        r"test_multirank\.py::test_every_trainer_killed",
+    ),
+    Scenario(
+        "A rank that never hands over its part",
+        "2 ranks, the last exits after connect instead of snapshotting: the survivor's handle fails "
+        "`parts_missing` naming rank 1 within the commit timeout; nothing visible, LATEST unchanged, "
+        "temp directory removed.",
+        r"test_multirank\.py::test_rank_that_never_snapshots",
+    ),
+    Scenario(
+        "EIO on one rank's part",
+        "2 ranks, EIO on the write of a shard rank 1 owns: every rank's handle fails with the same "
+        "error naming rank 1, EIO and the file; nothing visible, temp directory removed.",
+        r"test_multirank\.py::test_failed_part_fails_every_rank",
     ),
 ]
 

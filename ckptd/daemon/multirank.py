@@ -138,9 +138,14 @@ class MultiRank:
             group.timer.cancel()
         self.failed[group.key] = e
         asyncio.get_running_loop().call_later(FAILED_KEPT_S, self.failed.pop, group.key, None)
-        if not group.done.done():
-            group.done.set_result(None)  # nothing to commit: the run's next snapshot need not wait
+        self._release_tail(group)  # nothing to commit: the run's next snapshot need not wait
         self._settle(group)
+
+    def _release_tail(self, group: Group) -> None:
+        if not group.done.done():
+            group.done.set_result(None)
+        if self.pipeline._tails.get(group.run) is group.done:
+            del self.pipeline._tails[group.run]
 
     def _settle(self, group: Group) -> None:
         """A failed step whose parts have all stopped writing: its temp directory goes."""
@@ -245,8 +250,7 @@ class MultiRank:
             )
             return
         finally:
-            if not group.done.done():
-                group.done.set_result(None)
+            self._release_tail(group)
         group.checksums = {f"{c.name}/{s.file}": s.xxh3_128 for c in manifest.components for s in c.shards}
         nbytes = sum(p.bytes for p in group.parts.values())
         pl.metrics.commit(nbytes, {"committing": time.monotonic() - group.started})
