@@ -157,14 +157,17 @@ class Client:
         client = cls(Path(socket_path) if socket_path else default_socket(), run, autostart, opts)
         chosen = root if root is not None else os.environ.get("CKPTD_ROOT")
         client._expected_root = Path(chosen).absolute() if chosen else None
-        if not 0 < opts.commit_timeout_s < opts.stuck_timeout_s:
-            raise ValueError(
-                f"commit_timeout_s must be > 0 and below stuck_timeout_s={opts.stuck_timeout_s:g} "
-                f"(seconds), got {opts.commit_timeout_s}: a part waiting that long for its peers "
-                "would be taken for stuck storage"
-            )
+        if not opts.commit_timeout_s > 0:
+            raise ValueError(f"commit_timeout_s must be > 0 (seconds), got {opts.commit_timeout_s}")
         client._reconnect()
         client._ranks = ranks_mod.join(process_group, opts.group_timeout_s)
+        if client._ranks is not None and opts.commit_timeout_s >= opts.stuck_timeout_s:
+            client.close(wait=False)
+            raise ValueError(
+                f"commit_timeout_s={opts.commit_timeout_s:g} must be below stuck_timeout_s="
+                f"{opts.stuck_timeout_s:g} (seconds) under torchrun: a part waiting that long for "
+                "its peers would be taken for stuck storage"
+            )
         if client._ranks is not None and client._channel is not None:
             ranks_mod.check_one_daemon(client._ranks, client._channel.welcome.instance, str(client.root))
         client._watchdog = Watchdog(opts.liveness_timeout_s, lambda: client._channel, client._waiting_on)
