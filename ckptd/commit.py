@@ -59,7 +59,8 @@ class AlreadyCommitted(CommitError):
     """The step is already committed: refused before anything was written."""
 
 
-def stage(storage: Storage, root: Path, run: str, step: int) -> StagedCheckpoint:
+def stage(storage: Storage, root: Path, run: str, step: int, *, nonce: str | None = None) -> StagedCheckpoint:
+    """Make the temp directory of a step (``nonce`` names it: a multi-rank job's uid, or random)."""
     run_dir = root / paths.check_name("run", run)
     if run_dir.is_symlink():
         raise CommitError(f"{run_dir} is a symlink; ckptd writes only to real directories under its root")
@@ -69,7 +70,8 @@ def stage(storage: Storage, root: Path, run: str, step: int) -> StagedCheckpoint
         except FileExistsError:
             pass
         storage.fsync_dir(root)
-    staged = StagedCheckpoint(run_dir, step, run_dir / paths.temp_dirname(step, secrets.token_hex(4)))
+    nonce = secrets.token_hex(4) if nonce is None else nonce
+    staged = StagedCheckpoint(run_dir, step, run_dir / paths.temp_dirname(step, nonce))
     found = safeio.lstat_kind(staged.final_dir)  # a link is not followed: it is what is there
     if found == "a directory":
         raise AlreadyCommitted(
@@ -87,9 +89,14 @@ def stage(storage: Storage, root: Path, run: str, step: int) -> StagedCheckpoint
 
 def make_dirs(storage: Storage, staged: StagedCheckpoint, dirs: list[str]) -> None:
     """Make the component directories (``layout.component_files(...).dir``) of a step being
-    written; ``seal`` fsyncs them once their files are durable."""
+    written (a multi-rank step's parts share them); ``seal`` fsyncs them once their files are
+    durable."""
     for d in dirs:
-        storage.mkdir(staged.temp_dir / d)
+        try:
+            storage.mkdir(staged.temp_dir / d)
+        except FileExistsError:  # another rank's part of the same step made it
+            if safeio.lstat_kind(staged.temp_dir / d) != "a directory":
+                raise
 
 
 def write_file(storage: Storage, path: Path, data: bytes, base: Path | None = None) -> FileRecord:

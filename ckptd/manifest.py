@@ -77,6 +77,16 @@ class ComponentRecord(_Model):
     aliases: dict[str, str] = {}
 
 
+class PartRecord(_Model):
+    """One rank's part of a multi-rank step: its part manifest (a path in the step directory)
+    and the files that rank wrote."""
+
+    rank: int
+    manifest: FileRecord  # ``file`` is the part manifest's name inside ``ckptd.ranks.PARTS_DIR``
+    files: list[FileName]
+    bytes: int
+
+
 class Manifest(_Model):
     format: Format = FORMAT
     ckptd_version: str
@@ -90,6 +100,7 @@ class Manifest(_Model):
     files: list[FileRecord]  # indexes, config.json, teacher/config.json, ...
     tree: JsonValue
     timings: dict[str, float] = {}
+    parts: list[PartRecord] = []  # a multi-rank step: which rank wrote which file
     checksum: str = ""  # xxh3-128 of the file's bytes with this value blanked (the last field)
 
     def to_bytes(self) -> builtins.bytes:

@@ -32,6 +32,12 @@ files once. A ``Snapshot`` may instead carry its ``components`` inline. A layout
 continues the previous part's last one when it has the same name, and its first shard continues
 that component's last shard when ``continues_shard`` is set. Each part is decoded in a few
 milliseconds, so no one client's layout holds the daemon's event loop.
+
+Protocol 5: a rank of a ``torchrun`` job sends its part of a step as a ``Snapshot`` with
+``world_size`` > 1, its ``rank``, the job's uid (``job``) and the shards it copied (``owned``);
+the daemon commits the step once every rank's part is durable and replies ``Committed`` (or the
+same ``Failed``, naming the rank that failed or the ranks missing) to every rank
+(``ckptd/daemon/parts.py``).
 """
 
 from __future__ import annotations
@@ -141,6 +147,13 @@ class Snapshot(Message):
     # Committed steps of this run to keep once this one is committed (protocol 5); None: the
     # daemon's --keep-last. Retention as ever: committed steps only, never the newest.
     keep_last: int | None = None
+    # A rank's part of a multi-rank step (protocol 5; ``world_size`` > 1): the job all its ranks
+    # share (drawn by rank 0 at connect), the shards of the layout this rank copied and the daemon
+    # writes (global indexes, every component's shards in order), and how long the daemon waits
+    # for the other ranks' parts before the step fails (seconds, from the first part).
+    job: str = ""
+    owned: list[int] | None = None
+    commit_timeout_s: float = 120.0
 
 
 class Staged(Message):
@@ -374,8 +387,11 @@ def encode_snapshot(  # noqa: PLR0917 - the fields of one frame
     *,
     blobs: Mapping[str, bytes] | None = None,
     keep_last: int | None = None,
+    part: dict[str, object] | None = None,
 ) -> bytes:
-    """A ``Snapshot`` frame naming a registered layout (streamed when ``ready`` is given)."""
+    """A ``Snapshot`` frame naming a registered layout (streamed when ``ready`` is given);
+    ``part`` holds the multi-rank fields (``rank``, ``world_size``, ``job``, ``owned``,
+    ``commit_timeout_s``)."""
     fields: dict[str, object] = {
         "kind": "snapshot",
         "id": snapshot_id,
@@ -392,6 +408,8 @@ def encode_snapshot(  # noqa: PLR0917 - the fields of one frame
         fields["blobs"] = {name: base64.b64encode(data).decode("ascii") for name, data in blobs.items()}
     if keep_last is not None:
         fields["keep_last"] = keep_last
+    if part:
+        fields.update(part)
     body = json.dumps(fields, allow_nan=False, separators=(",", ":")).encode()
     return _frame(body, "snapshot request")
 

@@ -36,6 +36,7 @@ from ckptd.protocol import (
     encode,
 )
 from ckptd.sizes import parse_size
+from client import ranks as ranks_mod
 from client import restore as restore_mod
 from client.arena import Arena
 from client.channel import Channel
@@ -76,6 +77,12 @@ class ClientOptions:
     # Seconds a pending snapshot's progress (stage, bytes written) and the daemon's may stand still,
     # heartbeats going on, before it fails with `daemon_stuck` (its storage hangs: a dead NFS mount).
     stuck_timeout_s: float = 300.0
+    # Under torchrun (several ranks): seconds the daemon waits, from the first rank's part of a
+    # step, for every other rank's before the step fails naming the ranks missing. Below
+    # stuck_timeout_s: a part waiting for its peers makes no progress meanwhile.
+    commit_timeout_s: float = 120.0
+    # Timeout of the client's own gloo group: bounds the collectives of connect() and restore().
+    group_timeout_s: float = 1800.0
 
 
 class Client:
@@ -101,6 +108,8 @@ class Client:
         self._status_call = threading.Lock()  # one status() at a time: replies carry no id
         self._reconnect_failed: tuple[float, CheckpointError] | None = None  # when, and why
         self._cuda = CudaStager()
+        self._ranks: ranks_mod.Ranks | None = None  # under torchrun: this rank's place in its job
+        self._owned: tuple[Plan, dict[str, object], list[tuple[int, int]]] | None = None
         self._closed = False
         self._progress = Progress(options.stuck_timeout_s)
         self._watchdog: Watchdog | None = None
@@ -123,11 +132,19 @@ class Client:
         root: str | os.PathLike[str] | None = None,
         run: str = "default",
         autostart: bool = True,
+        process_group: object = None,
         **options: Any,
     ) -> Client:
         """Connect to the daemon on ``socket_path`` (``$CKPTD_SOCKET`` by default), starting one
         detached when nothing answers and ``autostart``. ``root`` (``$CKPTD_ROOT``) must match a
-        running daemon's root; None takes whatever root it has."""
+        running daemon's root; None takes whatever root it has.
+
+        Under an initialised ``torch.distributed`` process group of several ranks (or the
+        ``process_group`` given), this is a collective: every rank must call it, on its main
+        thread. It makes the client's own gloo group and the job's uid, and checks that every
+        rank reached the same daemon. Each rank's ``snapshot(state, step=N)`` (same N on every
+        rank) then copies and hands over only its share of the shards, and the step commits once
+        as one checkpoint. ``process_group=False`` opts out (each rank checkpoints on its own)."""
         known = {f.name for f in fields(ClientOptions)}
         unknown = set(options) - known
         if unknown:
@@ -142,7 +159,19 @@ class Client:
         client = cls(Path(socket_path) if socket_path else default_socket(), run, autostart, opts)
         chosen = root if root is not None else os.environ.get("CKPTD_ROOT")
         client._expected_root = Path(chosen).absolute() if chosen else None
+        if not opts.commit_timeout_s > 0:
+            raise ValueError(f"commit_timeout_s must be > 0 (seconds), got {opts.commit_timeout_s}")
         client._reconnect()
+        client._ranks = ranks_mod.join(process_group, opts.group_timeout_s)
+        if client._ranks is not None and opts.commit_timeout_s >= opts.stuck_timeout_s:
+            client.close(wait=False)
+            raise ValueError(
+                f"commit_timeout_s={opts.commit_timeout_s:g} must be below stuck_timeout_s="
+                f"{opts.stuck_timeout_s:g} (seconds) under torchrun: a part waiting that long for "
+                "its peers would be taken for stuck storage"
+            )
+        if client._ranks is not None and client._channel is not None:
+            ranks_mod.check_one_daemon(client._ranks, client._channel.welcome.instance, str(client.root))
         client._watchdog = Watchdog(opts.liveness_timeout_s, lambda: client._channel, client._waiting_on)
         return client
 
@@ -254,7 +283,10 @@ class Client:
             log.info("[run=%s step=%s] skipped: every slot is still being written", run, step)
             handle._skip()
             return self._taken(handle)
-        request = Request(run, step, arena, plan, flat.tree, flat.files, blobs, keep_last)
+        part = self._part(plan)
+        request = Request(
+            run, step, arena, plan, flat.tree, flat.files, blobs, keep_last, None if part is None else part[0]
+        )
         try:
             with self._snapshot_lock:
                 if self._closed:
@@ -344,7 +376,14 @@ class Client:
     def _stage(
         self, handle: SnapshotHandle, request: Request, flat: Flat, channel: Channel, started: float
     ) -> None:
-        streamed = flat.host and not flat.cuda and self.options.stream and len(request.plan.batches) > 1
+        part = self._part(request.plan)
+        streamed = (
+            flat.host
+            and not flat.cuda
+            and self.options.stream
+            and len(request.plan.batches) > 1
+            and part is None
+        )
         try:
             frame = request.frame(handle.id)
             first = request.frame(handle.id, ready=0) if streamed else b""
@@ -355,15 +394,16 @@ class Client:
             self._pending[handle.id] = entry
             self._handles.append(handle)
         if flat.cuda:
-            event = self._cuda.copy(request.arena, copy_pairs(request.arena, request.plan, flat))
+            event = self._cuda.copy(request.arena, _mine(copy_pairs(request.arena, request.plan, flat), part))
         elif streamed:
             self._stream(entry, flat, first, started)
             return
         elif flat.host:
-            copy_host(request.arena, request.plan, flat)
+            for start, stop in [(0, len(request.plan.comps))] if part is None else part[1]:
+                copy_host(request.arena, request.plan, flat, start, stop)
             handle._set_staged()
         else:  # another accelerator: torch copies to host synchronously
-            copy_pairs_host(copy_pairs(request.arena, request.plan, flat))
+            copy_pairs_host(_mine(copy_pairs(request.arena, request.plan, flat), part))
             handle._set_staged()
         # Set before sending: the commit can be reported before this thread runs again.
         handle.stall_s = now() - started
@@ -432,6 +472,29 @@ class Client:
             self._lose([entry], str(e), e.code)
         else:
             self._progress.sent(entry.handle.id)
+
+    def _part(self, plan: Plan) -> tuple[dict[str, object], list[tuple[int, int]]] | None:
+        """Under torchrun: this rank's part of a snapshot of ``plan`` (the request's multi-rank
+        fields, and the placements it copies, as ranges); None for one process."""
+        ranks = self._ranks
+        if ranks is None:
+            return None
+        if self._owned is None or self._owned[0] is not plan:
+            owned = ranks.owned(plan.layout)
+            spans, first = [], 0
+            for c in plan.layout.components:
+                for s in c.shards:
+                    spans.append((first, first + len(s.tensors)))
+                    first += len(s.tensors)
+            fields_ = {
+                "rank": ranks.rank,
+                "world_size": ranks.world_size,
+                "job": ranks.job,
+                "owned": owned,
+                "commit_timeout_s": float(self.options.commit_timeout_s),
+            }
+            self._owned = (plan, fields_, [spans[i] for i in owned])
+        return self._owned[1], self._owned[2]
 
     def _register(self, channel: Channel, arena: Arena, plan: Plan) -> None:
         """Tell the connection about the arena and the layout a snapshot uses, once each."""
@@ -678,6 +741,13 @@ class Client:
         explicit ``step`` that does not verify always raises.
         """
         run_dir = self.root / paths.check_name("run", self.run if run is None else run)
+        if self._ranks is not None:  # rank 0 picks the step, every rank loads it
+            return ranks_mod.agree_restore(
+                self._ranks,
+                lambda s, fb: restore_mod.restore_run(obj, run_dir, step=s, fallback=fb),
+                step,
+                fallback,
+            )
         return restore_mod.restore_run(obj, run_dir, step=step, fallback=fallback)
 
     def _taken(self, handle: SnapshotHandle) -> SnapshotHandle:
@@ -777,3 +847,12 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _mine(
+    pairs: list[tuple[Any, Any]], part: tuple[dict[str, object], list[tuple[int, int]]] | None
+) -> list[tuple[Any, Any]]:
+    """The copies of this rank's placements (all of them for one process)."""
+    if part is None:
+        return pairs
+    return [pairs[i] for start, stop in part[1] for i in range(start, stop)]

@@ -25,6 +25,7 @@ class Request:
     files: dict[str, str]
     blobs: dict[str, bytes] = field(default_factory=dict)
     keep_last: int | None = None
+    part: dict[str, object] | None = None  # under torchrun: rank, world_size, job, owned shards
 
     def frame(self, snapshot_id: int, ready: int | None = None) -> bytes:
         return encode_snapshot(
@@ -38,6 +39,7 @@ class Request:
             ready,
             blobs=self.blobs,
             keep_last=self.keep_last,
+            part=self.part,
         )
 
 

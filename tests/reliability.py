@@ -46,6 +46,7 @@ FILES = [
     "tests/test_doc_examples.py",
     "tests/test_service.py",
     "tests/test_hf_trainer_expectations.py",
+    "tests/test_multirank.py",
 ]
 
 
@@ -447,6 +448,33 @@ SCENARIOS = [
         "place and `best_model_checkpoint` set; `TrainerState.load_from_json` reads the step's "
         "trainer_state.json, training_args.json is JSON and no pickle is written.",
         r"test_hf_trainer_expectations\.py::test_(resume_from|save_total|keep_last|accelerate_total|on_save|trainer_state)",
+    ),
+    Scenario(
+        "DDP under torchrun: one checkpoint, each byte written once",
+        "Real `torchrun` (gloo, CPU), 2 and 4 ranks, DDP on a tiny Qwen2, one daemon: one step "
+        "directory, `from_pretrained` bit-exact to rank 0's model, `ckptd verify` passes, the "
+        "manifest names which rank wrote each shard (as assigned), the parts' bytes sum to one "
+        "copy; restore under the same ranks returns the step, bit-exact on every rank.",
+        r"test_multirank\.py::test_ddp_step_is_one_checkpoint_written_once",
+    ),
+    Scenario(
+        "Every trainer SIGKILLed after all ranks' snapshot() returned",
+        "2 ranks, writes slowed 0.3 s each: every rank SIGKILLs itself after a barrier that follows "
+        "its snapshot(); the step commits afterwards, verifies, LATEST moves, the daemon lives.",
+        r"test_multirank\.py::test_every_trainer_killed",
+    ),
+    Scenario(
+        "A rank that never hands over its part",
+        "2 ranks, the last exits after connect instead of snapshotting: the survivor's handle fails "
+        "`parts_missing` naming rank 1 within the commit timeout; nothing visible, LATEST unchanged, "
+        "temp directory removed.",
+        r"test_multirank\.py::test_rank_that_never_snapshots",
+    ),
+    Scenario(
+        "EIO on one rank's part",
+        "2 ranks, EIO on the write of a shard rank 1 owns: every rank's handle fails with the same "
+        "error naming rank 1, EIO and the file; nothing visible, temp directory removed.",
+        r"test_multirank\.py::test_failed_part_fails_every_rank",
     ),
 ]
 

@@ -441,7 +441,7 @@ class Connection:
                     f"files; this one's {file_bytes} would pass the daemon's {MAX_HELD_FILE_BYTES}; "
                     "snapshot again once earlier ones are committed"
                 )
-            if self.daemon.pipeline.busy(msg.run, msg.step):
+            if self.daemon.pipeline.busy(msg.run, msg.step, msg.rank if msg.world_size > 1 else 0):
                 raise InvalidRequest(f"step {msg.step} of run {msg.run!r} is already being written")
             if msg.ready is not None:
                 self._check_stream(msg)

@@ -24,8 +24,10 @@ from ckptd import __version__, commit
 from ckptd.daemon.arenas import Arena
 from ckptd.daemon.layouts import PreparedLayout
 from ckptd.daemon.metrics import Metrics
+from ckptd.daemon.multirank import MultiRank
+from ckptd.daemon.parts import component_records
 from ckptd.daemon.rootguard import RootGone, RootGuard
-from ckptd.manifest import ComponentRecord, FileRecord, Manifest
+from ckptd.manifest import ComponentRecord, FileRecord, Manifest, PartRecord
 from ckptd.protocol import Committed, Failed, JobStatus, Message, Progress, Snapshot
 from ckptd.storage import Storage
 
@@ -177,7 +179,8 @@ class Pipeline:
         )
         self._budget = ByteBudget(options.budget_bytes)
         self._tails: dict[str, asyncio.Future[None]] = {}
-        self._jobs: dict[tuple[str, int], Job] = {}
+        self._jobs: dict[tuple[str, int, int], Job] = {}  # by run, step and rank
+        self._multirank = MultiRank(self)
         self._tasks: set[asyncio.Task[None]] = set()
         #: The root as found at start-up (set by the daemon); checked before staging and committing.
         self.root: RootGuard | None = None
@@ -193,10 +196,10 @@ class Pipeline:
         """Bytes of small files that the jobs in flight hold in the daemon's memory."""
         return sum(j.file_bytes for j in self._jobs.values())
 
-    def busy(self, run: str, step: int) -> bool:
-        """Whether a snapshot of this step is being written (an abandoned one is only unwinding:
-        the step may be taken again at once)."""
-        job = self._jobs.get((run, step))
+    def busy(self, run: str, step: int, rank: int = 0) -> bool:
+        """Whether a snapshot of this step (this rank's part of it) is being written (an abandoned
+        one is only unwinding: the step may be taken again at once)."""
+        job = self._jobs.get((run, step, rank))
         return job is not None and job.abandoned is None
 
     def ping_writers(self) -> Future[None]:
@@ -204,6 +207,9 @@ class Pipeline:
         return self._pool.submit(_noop)
 
     def submit(self, job: Job) -> None:
+        if job.request.world_size > 1:
+            self._multirank.submit(job)
+            return
         key = (job.request.run, job.request.step)
         if self.root is not None and self.root.gone is not None:  # refused at once, nothing held
             failure = _failure(job.request.id, *key, self.root.gone_error())
@@ -212,7 +218,7 @@ class Pipeline:
             job.reply(failure)
             return
         job.stage_timeout_s = self.options.stage_timeout_s
-        self._jobs[key] = job
+        self._jobs[(*key, 0)] = job
         job.arena.acquire()
         prev = self._tails.get(job.request.run)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -293,10 +299,15 @@ class Pipeline:
             job.finished = True
             if self._tails.get(req.run) is done:
                 del self._tails[req.run]
-            if self._jobs.get((req.run, req.step)) is job:
-                del self._jobs[(req.run, req.step)]
-                self._finished_work += job.progress + 1
-            job.arena.release_reader()
+            self._untrack(job)
+
+    def _untrack(self, job: Job) -> None:
+        req = job.request
+        key = (req.run, req.step, req.rank if req.world_size > 1 else 0)
+        if self._jobs.get(key) is job:
+            del self._jobs[key]
+            self._finished_work += job.progress + 1
+        job.arena.release_reader()
 
     async def _write_and_commit(self, job: Job, prev: asyncio.Future[None] | None) -> Path:
         # accepted → writing → synced → committed → pruned
@@ -337,9 +348,9 @@ class Pipeline:
         if self.root is not None:
             self.root.check()
 
-    def _stage(self, run: str, step: int) -> commit.StagedCheckpoint:
+    def _stage(self, run: str, step: int, nonce: str | None = None) -> commit.StagedCheckpoint:
         self._check_root()
-        return commit.stage(self.storage, self.options.root, run, step)
+        return commit.stage(self.storage, self.options.root, run, step, nonce=nonce)
 
     def _commit(self, staged: commit.StagedCheckpoint) -> Path:
         self._check_root()  # a root made again by another daemon is not ours to publish into
@@ -361,12 +372,23 @@ class Pipeline:
         return gone
 
     async def _write_shards(self, job: Job, staged: commit.StagedCheckpoint) -> list[ComponentRecord]:
+        return component_records(job.layout, await self._write_shard_files(job, staged))
+
+    async def _write_shard_files(
+        self, job: Job, staged: commit.StagedCheckpoint, owned: set[int] | None = None
+    ) -> dict[int, FileRecord]:
+        """Write the shards (``owned``: only those of these global indexes) concurrently; their
+        records by global index (every component's shards in order)."""
         loop = asyncio.get_running_loop()
         dirs = [c.files.dir for c in job.layout.components if c.files.dir]
         await loop.run_in_executor(None, commit.make_dirs, self.storage, staged, dirs)
-        futures = []
+        futures, which = [], []
+        g = -1
         for c, headers in zip(job.layout.components, job.layout.headers, strict=True):
             for i, (shard, header) in enumerate(zip(c.shards, headers, strict=True)):
+                g += 1
+                if owned is not None and g not in owned:
+                    continue
                 data = job.arena.view(shard.offset, shard.nbytes)
                 path = staged.temp_dir / c.files.shard(i)
                 futures.append(
@@ -374,26 +396,12 @@ class Pipeline:
                         self._pool, self._write_one, job, staged.temp_dir, path, header, data, shard.offset
                     )
                 )
+                which.append(g)
         results = await asyncio.gather(*futures, return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException):
                 raise r
-        records = iter(r for r in results if isinstance(r, FileRecord))
-        out = []
-        for c in job.layout.components:
-            shards = [next(records) for _ in c.shards]
-            out.append(
-                ComponentRecord(
-                    name=c.name,
-                    dir=c.files.dir,
-                    index=c.files.index,
-                    shards=shards,
-                    tensors=sum(s.tensors for s in c.shards),
-                    total_size=sum(s.nbytes for s in c.shards),
-                    aliases=c.aliases,
-                )
-            )
-        return out
+        return {i: r for i, r in zip(which, results, strict=True) if isinstance(r, FileRecord)}
 
     def _write_one(  # noqa: PLR0917 - one shard's write, run in a writer thread
         self, job: Job, base: Path, path: Path, header: bytes, data: memoryview, offset: int
@@ -424,8 +432,14 @@ class Pipeline:
         return record
 
     def _write_small_files(
-        self, job: Job, staged: commit.StagedCheckpoint, components: list[ComponentRecord]
+        self,
+        job: Job,
+        staged: commit.StagedCheckpoint,
+        components: list[ComponentRecord],
+        part_records: list[PartRecord] | None = None,
     ) -> Manifest:
+        """Indexes, small files and the manifest; of a multi-rank step, ``job`` is rank 0's part
+        (its tree and files are the step's) and ``part_records`` name every rank's part."""
         req, st = job.request, self.storage
         files = [
             commit.write_file(st, staged.temp_dir / c.index, index, staged.temp_dir)
@@ -444,11 +458,12 @@ class Pipeline:
             rank=req.rank,
             world_size=req.world_size,
             created_unix=time.time(),
-            bytes=job.nbytes,
+            bytes=sum(c.total_size for c in components),
             components=components,
             files=files,
             tree=req.tree,
             timings=job.timings,
+            parts=part_records or [],
         )
         commit.seal(st, staged, manifest)
         return manifest

@@ -1,0 +1,277 @@
+"""The pipeline's path for a rank's part of a multi-rank step (``ckptd/daemon/parts.py`` says how
+the parts become one checkpoint). Event loop only, except what runs in executors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ckptd import commit
+from ckptd.daemon.parts import (
+    FAILED_KEPT_S,
+    Group,
+    Key,
+    PartFailed,
+    component_records,
+    failure_of,
+    layout_digest,
+    owned_bytes,
+    part_files,
+    part_records,
+    shard_count,
+    shard_records,
+    write_part,
+)
+from ckptd.protocol import Committed, Failed, Progress
+from ckptd.ranks import PartManifest
+
+if TYPE_CHECKING:
+    from ckptd.daemon.pipeline import Job, Pipeline
+
+log = logging.getLogger(__name__)
+_JOB = re.compile(r"^[0-9a-f]{8,64}$")
+#: The longest a daemon waits for a step's missing parts, whatever a client asks.
+MAX_COMMIT_TIMEOUT_S = 24 * 3600.0
+
+
+class MultiRank:
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.groups: dict[Key, Group] = {}
+        self.failed: dict[Key, PartFailed] = {}  # steps that failed lately, for late parts
+
+    def submit(self, job: Job) -> None:
+        req, pl = job.request, self.pipeline
+        key = (req.run, req.step, req.job)
+        if not _JOB.match(req.job) or req.owned is None or req.commit_timeout_s <= 0:
+            self._refuse(
+                job, "a multi-rank part needs a job uid (hex), its owned shards and commit_timeout_s > 0"
+            )
+            return
+        if key in self.failed:
+            self._refuse(job, str(self.failed[key]), self.failed[key])
+            return
+        if pl.root is not None and pl.root.gone is not None:
+            self._refuse(job, str(pl.root.gone_error()), code="root_gone")
+            return
+        group = self.groups.get(key) or self._new_group(job)
+        problem = group.admit(job)
+        if problem is not None:
+            self._refuse(job, f"{group.where}: {problem}; nothing was committed")
+            self._fail(
+                group, PartFailed(f"{group.where}: {problem}; nothing was committed", "invalid_request")
+            )
+            return
+        job.nbytes = owned_bytes(job.layout, req.owned)
+        job.stage_timeout_s = pl.options.stage_timeout_s
+        group.jobs[req.rank] = job
+        group.writing += 1
+        pl._jobs[(req.run, req.step, req.rank)] = job
+        job.arena.acquire()
+        if len(group.jobs) == group.world_size and group.timer is not None:
+            group.timer.cancel()
+        task = asyncio.create_task(self._run(group, job), name=f"snapshot {key} rank {req.rank}")
+        pl._tasks.add(task)
+        task.add_done_callback(pl._tasks.discard)
+
+    def _new_group(self, job: Job) -> Group:
+        req, pl = job.request, self.pipeline
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        group = Group(
+            run=req.run,
+            step=req.step,
+            job=req.job,
+            world_size=req.world_size,
+            digest=layout_digest(job.layout),
+            shards=shard_count(job.layout),
+            prev=pl._tails.get(req.run),
+            done=done,
+            outcome=loop.create_future(),
+        )
+        group.outcome.add_done_callback(lambda f: f.exception())  # retrieved even if no part awaits
+        pl._tails[req.run] = done
+        self.groups[group.key] = group
+        timeout = min(req.commit_timeout_s, MAX_COMMIT_TIMEOUT_S)
+        group.timer = loop.call_later(timeout, self._expire, group, timeout)
+        return group
+
+    def _refuse(
+        self, job: Job, message: str, e: PartFailed | None = None, code: str = "invalid_request"
+    ) -> None:
+        job.finished = True
+        failure = Failed(
+            id=job.request.id,
+            code=e.code if e is not None else code,
+            message=message,
+            errno=e.errno if e is not None else None,
+        )
+        self.pipeline.metrics.fail(failure.code)
+        job.reply(failure)
+
+    def _expire(self, group: Group, timeout_s: float) -> None:
+        missing = group.missing()
+        if not missing or group.outcome.done():
+            return
+        self._fail(
+            group,
+            PartFailed(
+                f"{group.where}: rank(s) {missing} did not hand over their part within "
+                f"commit_timeout_s={timeout_s:g} s of the first (killed or stopped before their "
+                "snapshot() returned?); nothing was committed, LATEST is unchanged",
+                "parts_missing",
+            ),
+        )
+
+    def _fail(self, group: Group, e: PartFailed) -> None:
+        """The step cannot commit: every rank's handle fails with ``e`` (the first failure)."""
+        if group.outcome.done():
+            return
+        log.error("[run=%s step=%s] %s", group.run, group.step, e)
+        self.pipeline.metrics.fail(e.code)
+        group.outcome.set_exception(e)
+        if group.timer is not None:
+            group.timer.cancel()
+        self.failed[group.key] = e
+        asyncio.get_running_loop().call_later(FAILED_KEPT_S, self.failed.pop, group.key, None)
+        self._release_tail(group)  # nothing to commit: the run's next snapshot need not wait
+        self._settle(group)
+
+    def _release_tail(self, group: Group) -> None:
+        if not group.done.done():
+            group.done.set_result(None)
+        if self.pipeline._tails.get(group.run) is group.done:
+            del self.pipeline._tails[group.run]
+
+    def _settle(self, group: Group) -> None:
+        """A failed step whose parts have all stopped writing: its temp directory goes."""
+        if group.writing or not group.outcome.done() or group.outcome.exception() is None:
+            return
+        if self.groups.get(group.key) is group:
+            del self.groups[group.key]
+        staging = group.staging
+        if staging is not None and staging.done() and staging.exception() is None:
+            staged = staging.result()
+            loop = asyncio.get_running_loop()
+            loop.run_in_executor(None, commit.discard, self.pipeline.storage, staged)
+
+    async def _staged(self, group: Group) -> commit.StagedCheckpoint:
+        if group.staging is None:
+            loop = asyncio.get_running_loop()
+            group.staging = asyncio.ensure_future(
+                loop.run_in_executor(None, self.pipeline._stage, group.run, group.step, group.job)
+            )
+        return await asyncio.shield(group.staging)
+
+    async def _run(self, group: Group, job: Job) -> None:
+        # accepted → writing → synced (part durable) → committed (all parts) → pruned
+        req, pl = job.request, self.pipeline
+        loop = asyncio.get_running_loop()
+        try:
+            try:
+                staged = await self._staged(group)
+                job.mark("writing")
+                job.reply(Progress(id=req.id, stage="writing", bytes_written=0))
+                async with pl._budget.hold(job.nbytes):
+                    records = await pl._write_shard_files(job, staged, set(req.owned or []))
+                part = PartManifest(
+                    run=req.run,
+                    step=req.step,
+                    job=req.job,
+                    rank=req.rank,
+                    world_size=req.world_size,
+                    layout=group.digest,
+                    files=part_files(records),
+                )
+                sealed = await loop.run_in_executor(None, write_part, pl.storage, staged, part)
+                job.mark("synced")
+            except Exception as e:
+                raise failure_of(req.rank, group.where, await pl._root_verdict(e)) from e
+            group.parts[req.rank] = part
+            group.sealed[req.rank] = sealed
+            if len(group.parts) == group.world_size and not group.outcome.done():
+                await self._commit(group, staged)
+            path = await asyncio.shield(group.outcome)
+            job.mark("committed")
+            job.reply(
+                Committed(
+                    id=req.id,
+                    run=req.run,
+                    step=req.step,
+                    path=str(path),
+                    bytes=sum(p.bytes for p in group.parts.values()),
+                    checksums=group.checksums,
+                    timings=job.timings,
+                )
+            )
+        except PartFailed as e:
+            self._fail(group, e)
+            first = group.outcome.exception()
+            failure = first if isinstance(first, PartFailed) else e
+            job.mark("failed")
+            job.reply(Failed(id=req.id, code=failure.code, message=str(failure), errno=failure.errno))
+        except Exception as e:  # every failure is reported to every rank, never swallowed
+            log.exception("[run=%s step=%s] rank %s", req.run, req.step, req.rank)
+            self._fail(group, failure_of(req.rank, group.where, e))
+            job.mark("failed")
+            job.reply(Failed(id=req.id, code="internal_error", message=f"{group.where}: {e}"))
+        finally:
+            job.finished = True
+            group.writing -= 1
+            pl._untrack(job)
+            self._settle(group)
+
+    async def _commit(self, group: Group, staged: commit.StagedCheckpoint) -> None:
+        """All parts are durable: commit the step once (the part that completed the group)."""
+        pl, loop = self.pipeline, asyncio.get_running_loop()
+        first = group.jobs[0]
+        try:
+            if group.prev is not None:
+                await asyncio.shield(group.prev)  # commit in order within a run
+            components = component_records(first.layout, shard_records(group.parts))
+            records = part_records(group.parts, group.sealed)
+            manifest = await loop.run_in_executor(
+                None, pl._write_small_files, first, staged, components, records
+            )
+            path: Path = await loop.run_in_executor(None, pl._commit, staged)
+        except Exception as e:
+            e = await pl._root_verdict(e)
+            self._fail(
+                group,
+                PartFailed(
+                    f"{group.where}: the commit failed: {e}; nothing was committed",
+                    "commit_error",
+                    getattr(e, "errno", None),
+                ),
+            )
+            return
+        finally:
+            self._release_tail(group)
+        group.checksums = {s.file: s.xxh3_128 for c in manifest.components for s in c.shards}
+        nbytes = sum(p.bytes for p in group.parts.values())
+        pl.metrics.commit(nbytes, {"committing": time.monotonic() - group.started})
+        log.info(
+            "[run=%s step=%s] committed %s bytes from %s ranks (job %s) in %.3fs",
+            group.run,
+            group.step,
+            nbytes,
+            group.world_size,
+            group.job,
+            time.monotonic() - group.started,
+        )
+        if self.groups.get(group.key) is group:
+            del self.groups[group.key]
+        group.outcome.set_result(path)
+        req0 = first.request  # the snapshot's keep_last (save_total_limit, ...) or --keep-last
+        keep_last = pl.options.keep_last if req0.keep_last is None else req0.keep_last
+        if keep_last:
+            try:
+                await loop.run_in_executor(
+                    None, commit.apply_retention, pl.storage, staged.run_dir, keep_last, path
+                )
+            except OSError as e:
+                log.warning("[run=%s step=%s] retention failed: %s", group.run, group.step, e)
