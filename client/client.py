@@ -473,6 +473,11 @@ class Client:
         else:
             self._progress.sent(entry.handle.id)
 
+    @property
+    def world_size(self) -> int:
+        """Ranks whose snapshots of a step make one checkpoint (1: this process alone)."""
+        return 1 if self._ranks is None else self._ranks.world_size
+
     def _part(self, plan: Plan) -> tuple[dict[str, object], list[tuple[int, int]]] | None:
         """Under torchrun: this rank's part of a snapshot of ``plan`` (the request's multi-rank
         fields, and the placements it copies, as ranges); None for one process."""

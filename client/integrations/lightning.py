@@ -115,7 +115,16 @@ class CkptdCheckpointIO(CheckpointIO):
     @property
     def client(self) -> Client:
         if self._client is None:
-            self._client = Client.connect(**self._connect_options)
+            # Lightning saves on global rank 0 only: this client checkpoints that process alone
+            # (a multi-rank client would wait for parts the other ranks never send).
+            self._client = Client.connect(**{"process_group": False, **self._connect_options})
+        if self._client.world_size > 1:
+            raise ValueError(
+                "CkptdCheckpointIO was given a client connected across "
+                f"{self._client.world_size} ranks, but Lightning saves checkpoints on rank 0 only, "
+                "so the other ranks' parts would never arrive; connect it with "
+                "Client.connect(process_group=False), or let the plugin connect"
+            )
         return self._client
 
     # --- CheckpointIO ----------------------------------------------------------------------------
