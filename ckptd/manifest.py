@@ -83,7 +83,7 @@ class PartRecord(_Model):
 
     rank: int
     manifest: FileRecord  # ``file`` is the part manifest's name inside ``ckptd.ranks.PARTS_DIR``
-    files: list[FileName]
+    files: list[StepPath]  # paths in the step directory, as FileRecord.file
     bytes: int
 
 
