@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None, storage: Storage | None = None) -> int:
     )
     ls.add_argument("--json", action="store_true", help="print JSON")
     ls.add_argument(
-        "--no-verify", action="store_true", help="do not hash each run's LATEST step (manifests only)"
+        "--verify",
+        action="store_true",
+        help="hash each run's LATEST step (default: its sizes and headers only, which read no data)",
     )
 
     verify = sub.add_parser("verify", help="check every checksum of a checkpoint")
@@ -118,7 +120,7 @@ def _run(args: argparse.Namespace, storage: Storage | None) -> int:
         case "serve":
             return _serve(args, storage)
         case "ls":
-            return cli_steps.ls(args.root, as_json=args.json, check=not args.no_verify)
+            return cli_steps.ls(args.root, as_json=args.json, hash_latest=args.verify)
         case "verify":
             return cli_steps.verify(args.path, every_step=args.all)
         case "status":

@@ -80,7 +80,10 @@ def stop(socket_path: Path | None, *, now: bool, timeout_s: float) -> int:
     try:
         channel = OperatorChannel.open(path)
     except (OSError, OperatorError) as e:
-        if _held(path):  # stopping already: its socket is gone while it drains
+        # Only a socket that is gone or refuses connections means "draining already"; a daemon
+        # that answered and refused (another version, too many clients) was not asked to stop.
+        gone = isinstance(e, (FileNotFoundError, ConnectionRefusedError))
+        if gone and _held(path):  # stopping already: its socket is gone while it drains
             if now:
                 print(
                     f"ckptd stop: the daemon on {path} is already draining and no longer answers; "
@@ -90,6 +93,13 @@ def stop(socket_path: Path | None, *, now: bool, timeout_s: float) -> int:
                 return 1
             print(f"the daemon on {path} is already stopping; waiting for it to finish its drain")
             return _wait_gone(path, None, deadline, timeout_s)
+        if not gone and _held(path):
+            print(
+                f"ckptd stop: the daemon on {path} refused this command ({e}); stop it with SIGTERM "
+                "(it drains, as `ckptd stop` would; e.g. `pkill -TERM -f 'ckptd serve'`)",
+                file=sys.stderr,
+            )
+            return 1
         print(f"ckptd stop: no daemon answers on {path} ({e})", file=sys.stderr)
         return 1
     try:

@@ -24,7 +24,7 @@ def default_root() -> Path:
 # --- ls ------------------------------------------------------------------------------------------
 
 
-def ls(root: Path | None, *, as_json: bool, check: bool) -> int:
+def ls(root: Path | None, *, as_json: bool, hash_latest: bool) -> int:
     root = root or default_root()
     if not root.is_dir():
         print(
@@ -34,7 +34,7 @@ def ls(root: Path | None, *, as_json: bool, check: bool) -> int:
         return 2
     rows: list[dict[str, object]] = []
     for run_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink()):
-        rows += _run_rows(run_dir, check=check)
+        rows += _run_rows(run_dir, hash_latest=hash_latest)
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -49,7 +49,7 @@ def ls(root: Path | None, *, as_json: bool, check: bool) -> int:
     return 0
 
 
-def _run_rows(run_dir: Path, *, check: bool) -> list[dict[str, object]]:
+def _run_rows(run_dir: Path, *, hash_latest: bool) -> list[dict[str, object]]:
     latest = paths.read_latest(run_dir)
     steps = paths.committed_steps(run_dir)
     if latest is not None and latest not in {p.name for _, p in steps}:
@@ -72,8 +72,8 @@ def _run_rows(run_dir: Path, *, check: bool) -> list[dict[str, object]]:
             }
         except ManifestError as e:
             row |= {"bytes": 0, "components": [], "error": str(e)}
-        if is_latest and check and "error" not in row:  # the step a restore starts from: hashed
-            row["problems"] = reading.verify(step_dir)
+        if is_latest and "error" not in row:  # the step a restore starts from (hashed on request)
+            row["problems"] = reading.verify(step_dir, checksums=hash_latest)
         rows.append(row)
     return rows
 

@@ -12,6 +12,7 @@ with ``model.safetensors.index.json``) and the small files beside them (``config
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -27,11 +28,12 @@ from ckptd.manifest import (
     Manifest,
     read_manifest,
 )
-from ckptd.reading import MAX_FILE_BYTES, resolve
+from ckptd.reading import MAX_FILE_BYTES, candidates, run_dir_of
 from ckptd.safeio import open_regular, read_small
 from ckptd.shardfile import ShardFormatError, decode_header, header_span
 
 MODEL = "model"
+log = logging.getLogger(__name__)
 _CHUNK = 16 * 2**20
 
 
@@ -47,7 +49,28 @@ def export_pretrained(path: str | os.PathLike[str], out_dir: str | os.PathLike[s
     >>> export_pretrained("checkpoints/default/step-000500", "exported")  # doctest: +SKIP
     >>> AutoModelForCausalLM.from_pretrained("exported")                   # doctest: +SKIP
     """
-    step_dir = resolve(path)
+    out = Path(out_dir)
+    if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
+        raise ExportError(f"{out} exists and is not an empty directory; choose a new output directory")
+    p = Path(path)
+    if os.path.lexists(p / MANIFEST_NAME):  # a step directory: exactly that step, or an error
+        _export_step(p, out)
+        return p
+    steps = candidates(run_dir_of(p))
+    if not steps:
+        raise FileNotFoundError(f"no committed ckptd checkpoint at {p}")
+    for step_dir in steps[:-1]:  # a run: its newest step that is intact, as load() does
+        try:
+            _export_step(step_dir, out)
+        except CorruptCheckpoint as e:
+            log.warning("skipping %s: %s; trying an older step", step_dir, e)
+            continue
+        return step_dir
+    _export_step(steps[-1], out)
+    return steps[-1]
+
+
+def _export_step(step_dir: Path, out: Path) -> None:
     manifest = read_manifest(step_dir)
     model = next((c for c in manifest.components if c.name == MODEL), None)
     if model is None:
@@ -56,20 +79,18 @@ def export_pretrained(path: str | os.PathLike[str], out_dir: str | os.PathLike[s
             f"{step_dir} has no {MODEL!r} component (components: {names}); export writes the model "
             "component of a snapshot (snapshot a module, or a tree with a 'model' entry)"
         )
-    out = Path(out_dir)
-    if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
-        raise ExportError(f"{out} exists and is not an empty directory; choose a new output directory")
     tmp = out.with_name(f"{out.name}.ckptd-export-{secrets.token_hex(4)}")
     tmp.mkdir(parents=False)
     try:
         _write(step_dir, manifest, model, tmp)
+        _fsync(tmp)
         if out.exists():
             out.rmdir()  # empty, checked above
         os.rename(tmp, out)
+        _fsync(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return step_dir
 
 
 def _write(step_dir: Path, manifest: Manifest, model: ComponentRecord, tmp: Path) -> None:
@@ -85,6 +106,8 @@ def _write(step_dir: Path, manifest: Manifest, model: ComponentRecord, tmp: Path
             total_size += entry[1]
             total_parameters += entry[2]
     if n > 1:
+        if model.index is not None:  # the daemon's count: parameters, not buffers (as transformers)
+            total_parameters = _indexed_parameters(step_dir / model.index, total_parameters)
         index = {
             "metadata": {"total_parameters": total_parameters, "total_size": total_size},
             "weight_map": dict(sorted(weight_map.items())),
@@ -93,11 +116,26 @@ def _write(step_dir: Path, manifest: Manifest, model: ComponentRecord, tmp: Path
     for f in _model_files(manifest):
         (tmp / f.file).write_bytes(_read_small_file(step_dir / f.file, f))
     for p in tmp.iterdir():
-        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(p)
+
+
+def _indexed_parameters(index_path: Path, counted: int) -> int:
+    """``total_parameters`` of the step's own model index (``counted``, every element, when the
+    index has none: a ckptd/1 step)."""
+    try:
+        meta = json.loads(read_small(index_path, MAX_FILE_BYTES)).get("metadata", {})
+    except (OSError, ValueError, AttributeError):
+        return counted
+    value = meta.get("total_parameters") if isinstance(meta, dict) else None
+    return value if isinstance(value, int) and value >= 0 else counted
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _model_files(manifest: Manifest) -> list[FileRecord]:

@@ -59,8 +59,10 @@ def candidates(run_dir: Path) -> list[Path]:
     return [p for _, p in reversed(paths.committed_steps(run_dir))]
 
 
-def verify(path: str | os.PathLike[str]) -> list[str]:
-    """Every problem found in a checkpoint directory; an empty list means it verifies."""
+def verify(path: str | os.PathLike[str], *, checksums: bool = True) -> list[str]:
+    """Every problem found in a checkpoint directory; an empty list means it verifies. With
+    ``checksums=False`` only what needs no hashing is checked (the manifest, every file's kind
+    and size, every shard's header): a truncated or missing file is found, a flipped bit is not."""
     step_dir = Path(path)
     try:
         manifest = read_manifest(step_dir)
@@ -71,9 +73,9 @@ def verify(path: str | os.PathLike[str]) -> list[str]:
         return problems
     for c in manifest.components:
         for shard in c.shards:
-            problems += _check_file(step_dir, shard, shard_file=True)
+            problems += _check_file(step_dir, shard, shard_file=True, checksums=checksums)
     for f in manifest.files:
-        problems += _check_file(step_dir, f, shard_file=False)
+        problems += _check_file(step_dir, f, shard_file=False, checksums=checksums)
     return problems
 
 
@@ -104,7 +106,7 @@ def model_files(manifest: Manifest) -> list[str]:
     return files
 
 
-def _check_file(step_dir: Path, record: FileRecord, *, shard_file: bool) -> list[str]:
+def _check_file(step_dir: Path, record: FileRecord, *, shard_file: bool, checksums: bool = True) -> list[str]:
     """Problems with one file of a step. Everything that needs no hashing is checked first: the
     size (an index or config file above ``MAX_FILE_BYTES`` is refused unread), and a shard's header,
     which must account for every byte of the file, so a sparse terabyte is never hashed."""
@@ -121,6 +123,8 @@ def _check_file(step_dir: Path, record: FileRecord, *, shard_file: bool) -> list
             return [f"{path}: {size} bytes, manifest says {record.bytes} (truncated or replaced)"]
         if shard_file:
             decode_header(_read_header(fd, size), size, str(path))
+        if not checksums:
+            return []
         digest, size = checksum.of_fd(fd)
         if size != record.bytes:
             return [f"{path}: {size} bytes, manifest says {record.bytes} (changed while read)"]
@@ -153,6 +157,11 @@ def resolve(path: str | os.PathLike[str], run: str = "default") -> Path:
             continue
         return step_dir
     raise FileNotFoundError(f"no committed ckptd checkpoint at {p}")
+
+
+def run_dir_of(path: str | os.PathLike[str], run: str = "default") -> Path:
+    """The run directory ``path`` is (it holds ``LATEST`` or a step), or a root's run ``run``."""
+    return _run_dir(Path(path), run)
 
 
 def _run_dir(p: Path, run: str) -> Path:

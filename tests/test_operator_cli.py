@@ -317,13 +317,17 @@ def test_ls_shows_latest_that_does_not_verify(daemon: DaemonProc, client: Client
     data[-1] ^= 1
     shard.write_bytes(bytes(data))
 
-    done = run_cli("ls", daemon.root)
+    done = run_cli("ls", daemon.root, "--verify")
     assert done.returncode == 0, output(done)
     line = next(ln for ln in done.stdout.splitlines() if re.match(r"default\s+2\s", ln))
     assert "LATEST DOES NOT VERIFY" in line and "checksum mismatch" in line
-    rows = json.loads(run_cli("ls", daemon.root, "--json").stdout)
+    rows = json.loads(run_cli("ls", daemon.root, "--json", "--verify").stdout)
     assert next(r["problems"] for r in rows if r["step"] == 2)
-    assert "LATEST DOES NOT VERIFY" not in run_cli("ls", daemon.root, "--no-verify").stdout
+    # By default nothing is hashed (a flipped bit is not seen) but a truncated file is.
+    assert "LATEST DOES NOT VERIFY" not in run_cli("ls", daemon.root).stdout
+    shard.write_bytes(bytes(data[:-1]))
+    line = next(ln for ln in run_cli("ls", daemon.root).stdout.splitlines() if re.match(r"default\s+2\s", ln))
+    assert "LATEST DOES NOT VERIFY" in line and "manifest says" in line
 
 
 def test_ls_into_head_prints_no_traceback(workdir: Path) -> None:
