@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -104,15 +105,29 @@ def main(argv: list[str] | None = None, storage: Storage | None = None) -> int:
     export.add_argument("step_dir", type=Path, help="a step directory, or a run directory (its newest step)")
     export.add_argument("out_dir", type=Path, help="a new (or empty) directory")
 
-    args = parser.parse_args(argv)
+    return _run_writing(parser.parse_args(argv), storage)
+
+
+def _run_writing(args: argparse.Namespace, storage: Storage | None) -> int:
+    """Run a command; output that cannot be written is one line on stderr, never a traceback."""
     try:
         code = _run(args, storage)
         sys.stdout.flush()
     except BrokenPipeError:  # `ckptd ls | head`: the reader has gone, which is no error of ours
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _stdout_to_devnull()
         return 0
+    except OSError as e:  # `ckptd ls > /dev/full`: our output cannot be written
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG):
+            raise
+        print(f"ckptd: cannot write its output: {e.strerror}", file=sys.stderr)
+        _stdout_to_devnull()
+        return 1
     return code
+
+
+def _stdout_to_devnull() -> None:  # so that the interpreter's own flush at exit cannot fail too
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def _run(args: argparse.Namespace, storage: Storage | None) -> int:

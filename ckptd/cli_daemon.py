@@ -19,6 +19,7 @@ from ckptd.sizes import format_size
 #: How long ``ckptd stop`` waits by default: the daemon's default --drain-timeout, and a margin.
 STOP_TIMEOUT_S = 630.0
 _POLL_S = 0.1
+_CONNECT_S = 10.0  # at most; never more than the --timeout given
 
 
 def status(socket_path: Path | None, *, as_json: bool, watch_s: float | None) -> int:
@@ -78,12 +79,11 @@ def stop(socket_path: Path | None, *, now: bool, timeout_s: float) -> int:
     path = socket_path or paths.default_socket()
     deadline = time.monotonic() + timeout_s
     try:
-        channel = OperatorChannel.open(path)
-    except (OSError, OperatorError) as e:
-        # Only a socket that is gone or refuses connections means "draining already"; a daemon
-        # that answered and refused (another version, too many clients) was not asked to stop.
-        gone = isinstance(e, (FileNotFoundError, ConnectionRefusedError))
-        if gone and _held(path):  # stopping already: its socket is gone while it drains
+        channel = OperatorChannel.open(path, timeout_s=min(_CONNECT_S, timeout_s))
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        # No socket, or nobody accepts on it: a daemon that removed its socket to drain still
+        # holds the lock beside it.
+        if _held(path):
             if now:
                 print(
                     f"ckptd stop: the daemon on {path} is already draining and no longer answers; "
@@ -93,14 +93,17 @@ def stop(socket_path: Path | None, *, now: bool, timeout_s: float) -> int:
                 return 1
             print(f"the daemon on {path} is already stopping; waiting for it to finish its drain")
             return _wait_gone(path, None, deadline, timeout_s)
-        if not gone and _held(path):
-            print(
-                f"ckptd stop: the daemon on {path} refused this command ({e}); stop it with SIGTERM "
-                "(it drains, as `ckptd stop` would; e.g. `pkill -TERM -f 'ckptd serve'`)",
-                file=sys.stderr,
-            )
-            return 1
         print(f"ckptd stop: no daemon answers on {path} ({e})", file=sys.stderr)
+        return 1
+    except (OSError, OperatorError) as e:
+        # Something holds the socket but did not take the command: hung (SIGSTOPped, blocked in
+        # the kernel), another user's (it refuses us), or another protocol version.
+        print(
+            f"ckptd stop: the daemon on {path} did not take the command: {e}{_owner(path)}; it was "
+            "not asked to stop. A hung daemon: `kill -CONT` then `kill -TERM` its pid (it drains), "
+            "`kill -KILL` as a last resort (its in-flight snapshots are then lost)",
+            file=sys.stderr,
+        )
         return 1
     try:
         reply = channel.call(StopRequest(now=now))
@@ -116,6 +119,14 @@ def stop(socket_path: Path | None, *, now: bool, timeout_s: float) -> int:
     finally:
         channel.close()
     return _wait_gone(path, reply.pid, deadline, timeout_s)
+
+
+def _owner(path: Path) -> str:
+    try:
+        uid = os.stat(path).st_uid
+    except OSError:
+        return ""
+    return "" if uid == os.getuid() else f" (its socket belongs to uid {uid}, not to you)"
 
 
 def _wait_gone(path: Path, pid: int | None, deadline: float, timeout_s: float) -> int:

@@ -71,6 +71,11 @@ def export_pretrained(path: str | os.PathLike[str], out_dir: str | os.PathLike[s
 
 
 def _export_step(step_dir: Path, out: Path) -> None:
+    if Path(os.path.realpath(out.parent)).is_relative_to(os.path.realpath(step_dir)):
+        raise ExportError(
+            f"{out} is inside the step directory {step_dir}: a committed step is never changed; "
+            "export to a directory outside it"
+        )
     manifest = read_manifest(step_dir)
     model = next((c for c in manifest.components if c.name == MODEL), None)
     if model is None:

@@ -44,6 +44,15 @@ def check_components(components: Sequence[ComponentRows]) -> int:
     names = [c.name for c in components]
     if len(set(names)) != len(names) or _RESERVED_COMPONENTS & set(names):
         raise InvalidRequest(f"component names must be unique and not 'ckptd': {names}")
+    for name in names:
+        if name != MODEL and name.endswith((*_FORBIDDEN_SUFFIXES, ".json")):
+            # Its directory would sit at the top of the step where loaders look for files of
+            # these names (`*.safetensors`, `*.index.json`, `config.json`, ...).
+            raise InvalidRequest(
+                f"component name {name!r} is the name of a file a loader reads at the top of a step "
+                f"directory (it ends in {name[name.rfind('.') :]!r}); name the component without "
+                "such an extension"
+            )
     return sum(_check_component(c) for c in components)
 
 
