@@ -307,3 +307,50 @@ def test_keep_steps_survive_retention(client: Client, daemon: Any) -> None:
     for step in range(1, 5):
         client.snapshot({"w": torch.full((2,), float(step))}, step=step, keep_last=1, keep_steps=[1]).wait(60)
     assert steps_of(Path(daemon.root) / "default") == [1, 4]
+
+
+class SaveProcessorInto(TrainerCallback):  # type: ignore[misc]
+    """The reviewer's recipe (LLaMA-Factory's SaveProcessorCallback too): the model's and the
+    processor's save_pretrained into checkpoint-<global_step>."""
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        folder = f"{args.output_dir}/checkpoint-{state.global_step}"
+        kwargs["model"].save_pretrained(folder)
+        kwargs["processing_class"].save_pretrained(folder)
+
+
+def test_save_pretrained_into_checkpoint_n_leaves_the_step_intact(
+    workdir: Path, daemon: Any, connect: Connect
+) -> None:
+    out = workdir / "out"
+    tok = tiny_tokenizer()
+    trainer = make_trainer(out, max_steps=2, tokenizer=tok, save_strategy="steps", save_steps=2)
+    trainer.add_callback(SaveProcessorInto())
+    CkptdCallback.attach(trainer, connect(daemon)).train()
+    step_dir = run_dir_of(daemon, out) / "step-000002"
+    assert ckptd.reading.verify(step_dir) == []
+    assert not [
+        p for p in step_dir.iterdir() if p.stat().st_mtime_ns > (step_dir / "ckptd.json").stat().st_mtime_ns
+    ]
+    checkpoint = out / "checkpoint-2"
+    assert not (checkpoint / "model.safetensors").is_symlink()  # the callback's own file
+    assert not (checkpoint / "tokenizer.json").is_symlink()
+    assert (checkpoint / "trainer_state.json").is_symlink() and (checkpoint / MARKER).is_file()
+
+
+class RewriteState(TrainerCallback):  # type: ignore[misc]
+    """Writes over a link of checkpoint-N (as root, which file modes do not stop)."""
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        with open(f"{args.output_dir}/checkpoint-{state.global_step}/trainer_state.json", "w") as f:
+            f.write("{}\n")
+
+
+def test_root_callback_writing_over_the_step_is_not_silent(
+    workdir: Path, daemon: Any, connect: Connect
+) -> None:
+    trainer = make_trainer(workdir / "out", max_steps=2, save_strategy="steps", save_steps=2)
+    trainer.add_callback(RewriteState())
+    CkptdCallback.attach(trainer, connect(daemon))
+    with pytest.raises(CheckpointError, match=r"wrote into the committed step.*trainer_state\.json"):
+        trainer.train()

@@ -72,8 +72,8 @@ def processor_files(processing_class: Any, taken: frozenset[str] = frozenset()) 
 def link_checkpoint(
     output_dir: str | os.PathLike[str], step: int, step_dir: Path, root: Path, run: str
 ) -> Path | None:
-    """Make ``output_dir/checkpoint-<step>`` a directory of symbolic links to the top-level files
-    of the committed ``step_dir`` (what ``from_pretrained`` and the Trainer's resume read) with
+    """Make ``output_dir/checkpoint-<step>`` a directory of symbolic links to the weights and
+    ``trainer_state.json`` of the committed ``step_dir`` (``fill_checkpoint`` adds the rest) with
     a marker naming the step; it replaces an older one of ckptd's (atomically where there was
     none). None, with a warning, where a directory of the Trainer's own is in the way; None where
     the step is already gone (retention removed it)."""
@@ -93,7 +93,8 @@ def link_checkpoint(
     tmp.mkdir()
     try:
         for name in names:
-            os.symlink(target / name, tmp / name)
+            if name.endswith((".safetensors", ".index.json")) or name == "trainer_state.json":
+                os.symlink(target / name, tmp / name)
         marker = {"format": _MARKER_FORMAT, "root": str(Path(root).resolve()), "run": run, "step": step}
         (tmp / MARKER).write_text(json.dumps(marker) + "\n")
         if final.is_symlink():  # a link of an older ckptd
@@ -105,6 +106,20 @@ def link_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def fill_checkpoint(checkpoint: Path, step_dir: Path) -> None:
+    """Link the step's other files (config.json, tokenizer files, training_args.json) into
+    ``checkpoint``, once ``on_save`` callbacks ran: a file a callback wrote there (a processor's
+    ``save_pretrained``) is kept, not written through a link into the read-only step."""
+    target = step_dir.resolve()
+    try:
+        names = model_files(read_manifest(target))
+    except ManifestError:
+        return
+    for name in names:
+        if not os.path.lexists(checkpoint / name):
+            os.symlink(target / name, checkpoint / name)
 
 
 def read_marker(checkpoint: Path) -> tuple[Path, str, int] | None:

@@ -79,7 +79,7 @@ from client.client import Client
 from client.errors import CheckpointError
 from client.handle import SnapshotHandle
 from client.integrations import capture_rng, from_tree, latest_step, load_step, restore_rng, to_tree
-from client.integrations.hf_outputs import link_checkpoint, processor_files, prune_links
+from client.integrations.hf_outputs import fill_checkpoint, link_checkpoint, processor_files, prune_links
 
 if TYPE_CHECKING:
     from transformers.trainer_utils import TrainOutput
@@ -354,18 +354,22 @@ class CkptdCallback(TrainerCallback):
         for h in committed:
             if h.path is None:
                 continue
-            link_checkpoint(str(args.output_dir), h.step, h.path, self.client.root, run)
+            link = link_checkpoint(str(args.output_dir), h.step, h.path, self.client.root, run)
             self._note_best(args, state)
             if self.trainer is not None:
                 # As the Trainer's own on_save sees it: global_step is the saved step (callbacks
                 # name f"checkpoint-{state.global_step}"); training is at a later step, restored.
                 should_save, now = control.should_save, state.global_step
                 state.global_step = h.step
+                before = _file_stats(h.path)
                 try:
                     self.trainer.callback_handler.on_save(args, state, control)
                 finally:
                     state.global_step = now
                     control.should_save = should_save  # on_save clears it; a save to come stays
+                _check_untouched(h.path, before)
+            if link is not None:
+                fill_checkpoint(link, h.path)
         if committed:
             prune_links(str(args.output_dir), run_dir)
         self._note_best(args, state)
@@ -480,6 +484,45 @@ class CkptdCallback(TrainerCallback):
             if isinstance(cb, ExportableState) and not isinstance(saved.get(type(cb).__name__), list):
                 saved[type(cb).__name__] = json.loads(json.dumps(cb.state()))
         return dict(data)
+
+
+def _file_stats(step_dir: Path) -> dict[str, tuple[int, int, int]]:
+    """(inode, size, mtime) of the files at the top of a committed step."""
+    stats = {}
+    try:
+        with os.scandir(step_dir) as entries:
+            for e in entries:
+                if e.is_file(follow_symlinks=False):
+                    st = e.stat(follow_symlinks=False)
+                    stats[e.name] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    except FileNotFoundError:  # retention removed it already
+        pass
+    return stats
+
+
+def _check_untouched(step_dir: Path, before: dict[str, tuple[int, int, int]]) -> None:
+    """After ``on_save``: a callback running as root (which file modes do not stop) may have
+    written into the read-only step through a link of ``checkpoint-N``. Raise if the step no
+    longer verifies; a file rewritten with the same bytes is only warned about."""
+    after = _file_stats(step_dir)
+    if not after:
+        return
+    touched = sorted(n for n in before.keys() | after.keys() if before.get(n) != after.get(n))
+    if not touched:
+        return
+    problems = reading.verify(step_dir)
+    where = f"{step_dir} ({', '.join(touched)})"
+    fix = (
+        "on_save callbacks may add files to checkpoint-N, never write over the links into the "
+        "step there (remove a link first: os.remove removes the link only)"
+    )
+    if problems:
+        raise CheckpointError(
+            f"an on_save callback wrote into the committed step {where}; it no longer verifies "
+            f"({problems[0]}): {fix}",
+            code="restore_mismatch",
+        )
+    log.warning("an on_save callback rewrote files of the committed step %s (same bytes): %s", where, fix)
 
 
 def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
