@@ -21,7 +21,7 @@ import mmap
 import os
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,11 +226,14 @@ def _chunk_buffer() -> memoryview:
 
 def seal(storage: Storage, staged: StagedCheckpoint, manifest: Manifest) -> None:
     """Fsync the component directories (their files are durable), write the manifest last and
-    fsync the step directory."""
-    for c in manifest.components:
-        if c.dir:
-            storage.fsync_dir(staged.temp_dir / c.dir)
+    fsync the step directory. Every directory is made read-only first (its files are already,
+    ``Storage.create``): a committed step is never written again; deleting one
+    (``remove_steps``, ``discard``, ``sweep``) gives the owner write permission back."""
+    for d in sorted({c.dir for c in manifest.components if c.dir}, reverse=True):
+        storage.seal_dir(staged.temp_dir / d)
+        storage.fsync_dir(staged.temp_dir / d)
     write_file(storage, staged.temp_dir / MANIFEST_NAME, manifest.to_bytes())
+    storage.seal_dir(staged.temp_dir)
     storage.fsync_dir(staged.temp_dir)
 
 
@@ -286,8 +289,19 @@ def discard(storage: Storage, staged: StagedCheckpoint) -> None:
         log.warning("could not remove %s (%s); the next daemon start sweeps it", staged.temp_dir, e)
 
 
-def apply_retention(storage: Storage, run_dir: Path, keep_last: int, newest: Path) -> list[Path]:
-    """Remove all but the ``keep_last`` highest steps; ``newest`` always survives.
+def retained(requested: int | None, daemon: int) -> int:
+    """How many steps retention keeps: the snapshot's ``keep_last`` (``save_total_limit``, ...)
+    and the daemon's ``--keep-last`` (0: keep all), the fewer of both when both are set."""
+    if requested is None or requested <= 0:
+        return daemon
+    return min(requested, daemon) if daemon > 0 else requested
+
+
+def apply_retention(
+    storage: Storage, run_dir: Path, keep_last: int, newest: Path, keep_steps: Iterable[int] = ()
+) -> list[Path]:
+    """Remove all but the ``keep_last`` highest steps; ``newest``, ``LATEST``'s and the steps of
+    ``keep_steps`` (a Trainer's best) always survive.
 
     A step is renamed to a temp name before it is deleted, so a half-deleted directory never
     looks like a checkpoint.
@@ -297,6 +311,7 @@ def apply_retention(storage: Storage, run_dir: Path, keep_last: int, newest: Pat
     steps = [p for _, p in paths.committed_steps(run_dir)]
     latest = paths.read_latest(run_dir)
     keep = set(steps[-keep_last:]) | {newest} | ({run_dir / latest} if latest else set())
+    keep |= {run_dir / paths.step_dirname(s) for s in keep_steps}
     return remove_steps(storage, run_dir, [p for p in steps if p not in keep])
 
 

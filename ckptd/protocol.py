@@ -45,7 +45,8 @@ from __future__ import annotations
 import base64
 import json
 import struct
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
@@ -147,6 +148,8 @@ class Snapshot(Message):
     # Committed steps of this run to keep once this one is committed (protocol 5); None: the
     # daemon's --keep-last. Retention as ever: committed steps only, never the newest.
     keep_last: int | None = None
+    # Committed steps retention keeps whatever keep_last says (protocol 5): the Trainer's best.
+    keep_steps: list[int] = []
     # A rank's part of a multi-rank step (protocol 5; ``world_size`` > 1): the job all its ranks
     # share (drawn by rank 0 at connect), the shards of the layout this rank copied and the daemon
     # writes (global indexes, every component's shards in order), and how long the daemon waits
@@ -388,6 +391,7 @@ def encode_snapshot(  # noqa: PLR0917 - the fields of one frame
     blobs: Mapping[str, bytes] | None = None,
     keep_last: int | None = None,
     part: dict[str, object] | None = None,
+    keep_steps: Sequence[int] = (),
 ) -> bytes:
     """A ``Snapshot`` frame naming a registered layout (streamed when ``ready`` is given);
     ``part`` holds the multi-rank fields (``rank``, ``world_size``, ``job``, ``owned``,
@@ -404,14 +408,45 @@ def encode_snapshot(  # noqa: PLR0917 - the fields of one frame
     }
     if ready is not None:
         fields["ready"] = ready
-    if blobs:
-        fields["blobs"] = {name: base64.b64encode(data).decode("ascii") for name, data in blobs.items()}
     if keep_last is not None:
         fields["keep_last"] = keep_last
+    if keep_steps:
+        fields["keep_steps"] = list(keep_steps)
     if part:
         fields.update(part)
     body = json.dumps(fields, allow_nan=False, separators=(",", ":")).encode()
+    if blobs:  # spliced in as JSON already encoded: a tokenizer unchanged since is not again
+        parts = [body[:-1], b',"blobs":{']
+        for i, (name, data) in enumerate(blobs.items()):
+            parts += [b"," if i else b"", json.dumps(name).encode(), b":", _blob_json(data)]
+        body = b"".join([*parts, b"}}"])
     return _frame(body, "snapshot request")
+
+
+#: Blobs of at least this size keep their encoded form (``_blob_json``), up to ``_BLOB_CACHE_BYTES``
+#: of them together (a Gemma 3 tokenizer is 38 MB).
+_BLOB_CACHE_MIN = 64 * 2**10
+_BLOB_CACHE_BYTES = 128 * 2**20
+_blob_cache: dict[int, tuple[bytes, bytes]] = {}  # id(data) -> (data, its JSON string)
+_blob_lock = threading.Lock()
+
+
+def _blob_json(data: bytes) -> bytes:
+    """``data`` as a JSON string of its base64. A large one is cached by identity (the cache holds
+    the bytes object, so the id is not reused while it is cached): the same processor files
+    snapshotted again cost nothing; the oldest go first beyond ``_BLOB_CACHE_BYTES``."""
+    if len(data) < _BLOB_CACHE_MIN or not isinstance(data, bytes):
+        return b'"' + base64.b64encode(data) + b'"'
+    with _blob_lock:
+        hit = _blob_cache.get(id(data))
+        if hit is not None and hit[0] is data:
+            return hit[1]
+    encoded = b'"' + base64.b64encode(data) + b'"'
+    with _blob_lock:
+        _blob_cache[id(data)] = (data, encoded)
+        while sum(len(d) for d, _ in _blob_cache.values()) > _BLOB_CACHE_BYTES and len(_blob_cache) > 1:
+            del _blob_cache[next(iter(_blob_cache))]
+    return encoded
 
 
 def _frame(body: bytes, what: str) -> bytes:

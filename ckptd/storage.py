@@ -12,6 +12,7 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
@@ -32,6 +33,8 @@ def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 
 _sync_file_range = _libc_sync_file_range()
+FILE_MODE = 0o444  # the files of a step: never written again once closed
+SEALED_DIR_MODE = 0o555  # the directories of a sealed step
 _SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -42,8 +45,10 @@ class Storage:
         os.mkdir(path, 0o755)
 
     def create(self, path: Path) -> int:
-        """Open a new file for writing; it must not exist."""
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        """Open a new file for writing; it must not exist. It is created read-only (0444; the
+        returned descriptor stays writable): a committed step is never written again, and a
+        process of another user that follows a link into it gets ``PermissionError``."""
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
 
     def set_direct(self, fd: int, on: bool) -> bool:
         """Turn ``O_DIRECT`` on or off for an open file: writes then go from the caller's
@@ -96,7 +101,12 @@ class Storage:
     def unlink(self, path: Path) -> None:
         os.unlink(path)
 
+    def seal_dir(self, path: Path) -> None:
+        """Make a finished step's directory read-only (0555): nothing is added to it again."""
+        os.chmod(path, SEALED_DIR_MODE)
+
     def remove_tree(self, path: Path) -> None:
+        unseal_tree(path)
         shutil.rmtree(path)
 
     def write_all(self, fd: int, data: memoryview | bytes, offset: int) -> int:
@@ -109,3 +119,14 @@ class Storage:
                 raise OSError(f"pwrite wrote {n} bytes")
             done += n
         return offset + done
+
+
+def unseal_tree(path: Path) -> None:
+    """Give the owner write permission back on every directory of a (sealed) step, so that it can
+    be removed; links are never followed (a real directory's mode only)."""
+    if not stat.S_ISDIR(os.lstat(path).st_mode):
+        return
+    for dirpath, _dirs, _files in os.walk(path, followlinks=False):
+        mode = os.lstat(dirpath).st_mode
+        if stat.S_ISDIR(mode) and not mode & stat.S_IWUSR:
+            os.chmod(dirpath, stat.S_IMODE(mode) | stat.S_IWUSR)

@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -235,6 +235,7 @@ class Client:
         policy: Policy = "block",
         files: Mapping[str, bytes] | None = None,
         keep_last: int | None = None,
+        keep_steps: Sequence[int] = (),
     ) -> SnapshotHandle:
         """Copy ``obj``'s tensors into a free arena slot and hand them to the daemon.
 
@@ -253,6 +254,7 @@ class Client:
         written at the top of the step directory beside the model's ``config.json``, 40 MiB in all
         at most. ``keep_last``: once this step is committed, keep only the newest ``keep_last``
         committed steps of the run (never removing the newest); None: the daemon's --keep-last.
+        ``keep_steps``: steps retention keeps besides (the best one of a Trainer).
 
         >>> try:                                          # doctest: +SKIP
         ...     handle = ckpt.snapshot(model, step=2)
@@ -285,7 +287,16 @@ class Client:
             return self._taken(handle)
         part = self._part(plan)
         request = Request(
-            run, step, arena, plan, flat.tree, flat.files, blobs, keep_last, None if part is None else part[0]
+            run,
+            step,
+            arena,
+            plan,
+            flat.tree,
+            flat.files,
+            blobs,
+            keep_last,
+            None if part is None else part[0],
+            tuple(int(s) for s in keep_steps),
         )
         try:
             with self._snapshot_lock:

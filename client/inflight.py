@@ -26,6 +26,7 @@ class Request:
     blobs: dict[str, bytes] = field(default_factory=dict)
     keep_last: int | None = None
     part: dict[str, object] | None = None  # under torchrun: rank, world_size, job, owned shards
+    keep_steps: tuple[int, ...] = ()  # steps retention keeps (the Trainer's best)
 
     def frame(self, snapshot_id: int, ready: int | None = None) -> bytes:
         return encode_snapshot(
@@ -40,6 +41,7 @@ class Request:
             blobs=self.blobs,
             keep_last=self.keep_last,
             part=self.part,
+            keep_steps=self.keep_steps,
         )
 
 

@@ -47,6 +47,7 @@ FILES = [
     "tests/test_service.py",
     "tests/test_hf_trainer_expectations.py",
     "tests/test_multirank.py",
+    "tests/test_hf_review.py",
 ]
 
 
@@ -475,6 +476,30 @@ SCENARIOS = [
         "2 ranks, EIO on the write of a shard rank 1 owns: every rank's handle fails with the same "
         "error naming rank 1, EIO and the file; nothing visible, temp directory removed.",
         r"test_multirank\.py::test_failed_part_fails_every_rank",
+    ),
+    Scenario(
+        "A Trainer callback writing into checkpoint-N",
+        "real Trainer, an on_save callback saving an adapter into checkpoint-N: its files land in "
+        "output_dir (a directory of links and a marker), the step verifies and holds none of them; "
+        "committed files 0444 and directories 0555, so the step's owner (uid 65534) writing "
+        "through a link gets PermissionError; prune, rm, retention, discard and sweep remove "
+        "sealed steps as that user.",
+        r"test_hf_review\.py::test_(on_save_files|committed_step_is_read_only|every_deletion_path)",
+    ),
+    Scenario(
+        "Another training's checkpoint, another training's run",
+        "real Trainer resumed from a stock checkpoint ends with its weights, not ckptd's; a second "
+        "training gets its own default run (no skipped saves, no pruned steps of the first); one "
+        "into a shared run stops with already_committed naming run, step and fix; --keep-last "
+        "bounds a snapshot's keep_last; the best step survives save_total_limit.",
+        r"test_hf_review\.py::test_(resume_from_a_foreign|second_training|daemon_keep_last|"
+        r"retention_keeps_the_best|keep_steps_survive)",
+    ),
+    Scenario(
+        "Tokenizer files on the wire",
+        "a 9 MiB blob is base64-encoded once for two frames (identity cache), both decode to the same "
+        "bytes; processor files with names ckptd refuses are left out with a warning.",
+        r"test_hf_review\.py::test_(unchanged_blob|processor_files_ckptd)",
     ),
 ]
 

@@ -40,7 +40,7 @@ import ckptd
 from ckptd.protocol import Snapshot, decode_client, encode_snapshot
 from client import Client
 from client.errors import CheckpointError
-from client.integrations.hf_trainer import CkptdCallback
+from client.integrations.hf_trainer import CkptdCallback, default_run
 
 Connect = Callable[..., Client]
 VOCAB = 64
@@ -153,7 +153,7 @@ def test_tokenizer_files_in_step_dir_load_with_autotokenizer(
         workdir / "out", max_steps=2, tokenizer=tokenizer, save_strategy="steps", save_steps=2
     )
     CkptdCallback.attach(trainer, connect(daemon)).train()
-    step_dir = daemon.root / "default" / "step-000002"
+    step_dir = daemon.root / default_run(workdir / "out") / "step-000002"
     stock = workdir / "stock"
     tokenizer.save_pretrained(stock)
     for name in os.listdir(stock):  # every file save_pretrained writes, byte for byte
@@ -220,7 +220,9 @@ def test_resume_from_checkpoint_true_is_bit_identical(workdir: Path, daemon: Any
     CkptdCallback.attach(first, client)
     first.train()
     link = out / "checkpoint-3"
-    assert link.is_symlink() and link.resolve() == (daemon.root / "default" / "step-000003").resolve()
+    assert link.is_dir() and not link.is_symlink()  # output_dir's, with links into the step
+    step_dir = daemon.root / default_run(out) / "step-000003"
+    assert (link / "model.safetensors").resolve() == (step_dir / "model.safetensors").resolve()
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
 
     resumed = make_trainer(out, seed=7, max_steps=8, save_strategy="steps", save_steps=3)
@@ -245,7 +247,7 @@ def test_save_total_limit_keeps_two_committed_steps(workdir: Path, daemon: Any, 
     out = workdir / "out"
     trainer = make_trainer(out, max_steps=5, save_strategy="steps", save_steps=1, save_total_limit=2)
     CkptdCallback.attach(trainer, connect(daemon)).train()  # no processing class: nothing breaks
-    run_dir = daemon.root / "default"
+    run_dir = daemon.root / default_run(out)
     assert steps_of(run_dir) == [4, 5]
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == [
         "checkpoint-4",
@@ -319,7 +321,7 @@ def test_trainer_state_and_args_are_json_files(workdir: Path, daemon: Any, conne
     out = workdir / "out"
     trainer = make_trainer(out, max_steps=3, save_strategy="steps", save_steps=3)
     CkptdCallback.attach(trainer, connect(daemon)).train()
-    step_dir = daemon.root / "default" / "step-000003"
+    step_dir = daemon.root / default_run(out) / "step-000003"
     state = TrainerState.load_from_json(str(step_dir / "trainer_state.json"))
     assert state.global_step == 3 and state.max_steps == 3
     assert state.log_history and state.log_history[0]["step"] == 1

@@ -31,7 +31,7 @@ from transformers import (
 import ckptd
 from client import Client
 from client.integrations import from_tree, to_tree
-from client.integrations.hf_trainer import CkptdCallback
+from client.integrations.hf_trainer import CkptdCallback, default_run
 
 MAX_STEPS = 10  # 6 steps per epoch: 2 epochs
 Connect = Callable[..., Client]
@@ -140,10 +140,12 @@ def test_trainer_resumes_bit_exact_from_ckptd(workdir: Path, daemon: Any, connec
     callback.train()  # nothing to resume from: a plain train()
     assert trainer.state.global_step == 7
     assert callback.handles == []  # on_train_end waited for them
-    run_dir = daemon.root / "default"
+    run_dir = daemon.root / default_run(out)
     assert sorted(p.name for p in run_dir.glob("step-*")) == ["step-000003", "step-000006"]
-    # checkpoint-N entries are links to the committed ckptd steps, not the Trainer's own checkpoints.
-    assert all(p.is_symlink() for p in out.glob("checkpoint-*")), "the Trainer wrote its own checkpoint"
+    # checkpoint-N entries link to the committed ckptd steps, not the Trainer's own checkpoints.
+    assert all((p / "model.safetensors").is_symlink() for p in out.glob("checkpoint-*")), (
+        "the Trainer wrote its own checkpoint"
+    )
 
     loaded = ckptd.load(run_dir / "step-000006")
     assert set(loaded) == {"model", "optimizer", "lr_scheduler", "rng", "trainer_state", "step"}
@@ -154,7 +156,7 @@ def test_trainer_resumes_bit_exact_from_ckptd(workdir: Path, daemon: Any, connec
     # Resume from the newest checkpoint (step 6, the end of epoch 0) in a brand-new Trainer.
     resumed = make_trainer(workdir / "r6", seed=99, save_strategy="steps", save_steps=3)
     scramble_rngs()
-    ckpt = CkptdCallback.attach(resumed, client)
+    ckpt = CkptdCallback.attach(resumed, client, run=run_dir.name)  # another output_dir: name the run
     ckpt.train()
     assert resumed.state.global_step == MAX_STEPS
     assert_same_weights(final_weights(resumed), expected)
@@ -166,7 +168,7 @@ def test_trainer_resumes_bit_exact_from_ckptd(workdir: Path, daemon: Any, connec
     # are already committed: they are kept, not saved again (and the training does not fail).
     mid = make_trainer(workdir / "r3", seed=98, save_strategy="steps", save_steps=3)
     scramble_rngs()
-    CkptdCallback.attach(mid, client).train(step=3)
+    CkptdCallback.attach(mid, client, run=run_dir.name).train(step=3)
     assert mid.state.global_step == MAX_STEPS
     assert_same_weights(final_weights(mid), expected)
     assert sorted(p.name for p in run_dir.glob("step-*")) == [f"step-{s:06d}" for s in (3, 6, 9, 10)]

@@ -177,7 +177,7 @@ def test_hf_resume_older_step_into_the_same_run(
     workdir: Path, daemon: Any, connect: Connect, caplog: pytest.LogCaptureFixture
 ) -> None:
     transformers = pytest.importorskip("transformers")
-    from client.integrations.hf_trainer import CkptdCallback
+    from client.integrations.hf_trainer import CkptdCallback, default_run
 
     def hf_trainer(out: str, max_steps: int) -> Any:
         torch.manual_seed(0)
@@ -196,13 +196,13 @@ def test_hf_resume_older_step_into_the_same_run(
         return transformers.Trainer(model=model, args=args, train_dataset=Tokens())
 
     client = connect(daemon)
-    run_dir = daemon.root / "default"
+    run_dir = daemon.root / default_run(workdir / "a")  # the callback's run: one per output_dir
     first = hf_trainer("a", max_steps=6)
     CkptdCallback.attach(first, client).train()
     assert committed(run_dir) == [2, 4, 6]
 
     caplog.set_level(logging.INFO, logger="client.integrations.hf_trainer")
-    again = hf_trainer("b", max_steps=10)
+    again = hf_trainer("a", max_steps=10)
     CkptdCallback.attach(again, client).train(step=2)  # steps 4 and 6 are already committed
     assert again.state.global_step == 10
     warned = skip_warnings(caplog, "client.integrations.hf_trainer")

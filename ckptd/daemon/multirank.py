@@ -266,12 +266,12 @@ class MultiRank:
         if self.groups.get(group.key) is group:
             del self.groups[group.key]
         group.outcome.set_result(path)
-        req0 = first.request  # the snapshot's keep_last (save_total_limit, ...) or --keep-last
-        keep_last = pl.options.keep_last if req0.keep_last is None else req0.keep_last
+        req0 = first.request  # the fewer of the snapshot's keep_last and --keep-last
+        keep_last = commit.retained(req0.keep_last, pl.options.keep_last)
         if keep_last:
             try:
                 await loop.run_in_executor(
-                    None, commit.apply_retention, pl.storage, staged.run_dir, keep_last, path
+                    None, commit.apply_retention, pl.storage, staged.run_dir, keep_last, path, req0.keep_steps
                 )
             except OSError as e:
                 log.warning("[run=%s step=%s] retention failed: %s", group.run, group.step, e)

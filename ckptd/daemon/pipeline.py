@@ -328,12 +328,13 @@ class Pipeline:
             raise
         job.mark("committed")
         job.checksums = {s.file: s.xxh3_128 for c in manifest.components for s in c.shards}
-        # The snapshot's own keep_last (save_total_limit, ...) or the daemon's --keep-last.
-        keep_last = self.options.keep_last if req.keep_last is None else req.keep_last
+        # The snapshot's own keep_last (save_total_limit, ...) and the daemon's --keep-last: the
+        # fewer of both when both are set (the operator's disk budget wins).
+        keep_last = commit.retained(req.keep_last, self.options.keep_last)
         if keep_last:
             try:
                 removed = await loop.run_in_executor(
-                    None, commit.apply_retention, st, staged.run_dir, keep_last, path
+                    None, commit.apply_retention, st, staged.run_dir, keep_last, path, req.keep_steps
                 )
                 if removed:
                     log.info(

@@ -25,6 +25,7 @@ _FORBIDDEN_SUFFIXES = (".safetensors", ".index.json", ".bin", ".pt", ".pth", ".p
 #: Small files of one snapshot: how many, and their bytes together (a Gemma 3 tokenizer is 38 MB;
 #: as base64 the bytes must fit one frame, with the tree).
 MAX_FILES = 64
+MAX_KEEP_STEPS = 64  # steps a snapshot asks retention to keep (keep_steps)
 MAX_FILES_BYTES = 40 * 2**20
 _RESERVED_COMPONENTS = frozenset({"ckptd"})
 MAX_DIMS = 64
@@ -72,6 +73,10 @@ def check_snapshot(req: Snapshot, components: Sequence[PreparedComponent], arena
         raise InvalidRequest(
             f"keep_last must be >= 1 (or None: the daemon's --keep-last), got {req.keep_last}"
         )
+    if len(req.keep_steps) > MAX_KEEP_STEPS or any(s < 0 for s in req.keep_steps):
+        raise InvalidRequest(
+            f"keep_steps must be at most {MAX_KEEP_STEPS} steps >= 0, got {req.keep_steps[:8]}"
+        )
     for c in components:
         for i, shard in enumerate(c.shards):
             if shard.offset < 0 or shard.nbytes < 0 or shard.offset + shard.nbytes > arena_size:
@@ -84,6 +89,18 @@ def check_snapshot(req: Snapshot, components: Sequence[PreparedComponent], arena
 def files_bytes(req: Snapshot) -> int:
     """Bytes of a snapshot's small files (``files`` as UTF-8, and ``blobs``)."""
     return sum(len(t.encode()) for t in req.files.values()) + sum(len(b) for b in req.blobs.values())
+
+
+def plain_file_name(name: str) -> bool:
+    """Whether ``name`` may be a small file's name (without its ``<component>/``): a plain name
+    with an extension, of ckptd's charset, not the manifest nor a weights or pickle file."""
+    return bool(
+        _FILE_NAME.fullmatch(name)
+        and ".." not in name
+        and TEMP_MARKER not in name
+        and name != MANIFEST_NAME
+        and not name.endswith(_FORBIDDEN_SUFFIXES)
+    )
 
 
 def check_files(req: Snapshot, components: Sequence[PreparedComponent]) -> None:
@@ -100,15 +117,7 @@ def check_files(req: Snapshot, components: Sequence[PreparedComponent]) -> None:
     names = {c.name for c in components}
     for key in keys:
         component, name = split_small_file(key)
-        if (
-            not _FILE_NAME.fullmatch(name)
-            or ".." in name
-            or TEMP_MARKER in name
-            or name == MANIFEST_NAME
-            or name.endswith(_FORBIDDEN_SUFFIXES)
-            or name in names
-            or small_file(component, name) != key
-        ):
+        if not plain_file_name(name) or name in names or small_file(component, name) != key:
             raise InvalidRequest(
                 f"small file name {key!r} is not allowed: use a plain name with an extension "
                 f"(letters, digits, '_', '-', '.'; no '..'), as the model's or as '<component>/<name>', "

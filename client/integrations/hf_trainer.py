@@ -12,10 +12,13 @@ or ``on_epoch_end`` (``"epoch"``); ``_maybe_log_save_evaluate`` then runs ``_sav
 This callback runs after ``DefaultFlowCallback`` in those same events: when ``should_save`` is set,
 it snapshots the training state to ckptd and clears ``should_save``, so ``_save_checkpoint`` never
 runs and the weights are written once, by the daemon. Once a step is committed, at the next
-callback point on the training thread, ``output_dir/checkpoint-N`` becomes a symbolic link to its
-step directory, ``on_save`` of every callback fires and ``best_model_checkpoint`` is set (with
-``metric_for_best_model``); ``save_total_limit`` is the snapshot's ``keep_last`` (the daemon's
-retention; links of removed steps go too). The snapshot holds:
+callback point on the training thread, ``output_dir/checkpoint-N`` is made (a directory of
+``output_dir`` with links to the step's files and a marker naming the step; what ``on_save``
+callbacks add there stays in ``output_dir``: the step is read-only), ``on_save`` of every
+callback fires and ``best_model_checkpoint`` is set (with ``metric_for_best_model``);
+``save_total_limit`` is the snapshot's ``keep_last`` (the daemon's retention, which keeps the best
+step too; the ``checkpoint-N`` of removed steps go too). The run is ``run``, else the client's,
+else (a client of ``"default"``) one per ``output_dir`` (``default_run``). The snapshot holds:
 
 - ``model``: the model (a Hugging Face directory: ``from_pretrained`` loads it);
 - ``optimizer``: the optimizer (unwrapped from accelerate's ``AcceleratedOptimizer``), unless
@@ -31,27 +34,30 @@ made once per training), ``trainer_state.json`` and ``training_args.json`` (no p
 It is taken in ``on_step_end``, i.e. after the optimizer step and before this step's logging
 and evaluation: ``trainer_state.log_history`` lacks the log line of the saved step itself. A step
 already committed in the run (resuming from an older step after an earlier attempt went further)
-is kept and not saved again, with a warning: ckptd never overwrites a committed step.
+is kept and not saved again, with a warning: ckptd never overwrites a committed step; one that
+another training committed (this one did not resume from the run) is refused with the fix.
 ``save_strategy="best"`` and ``load_best_model_at_end`` need the Trainer's own checkpoints and are
 refused. One process only (no multi-rank coordination yet).
 
-**Resuming.** ``trainer.train(resume_from_checkpoint=True)`` finds the newest ``checkpoint-N``
-link; the Trainer reads model and ``trainer_state.json`` through it, and ``on_train_begin`` loads
-ckptd step N for the rest (below). ``train()`` (or ``prepare_resume`` +
-``trainer.train(resume_from_checkpoint=...)``) uses the Trainer's own resume logic, so it skips
-epochs and batches exactly as resuming from a ``checkpoint-N`` directory does. ``prepare_resume``
-reads the checkpoint (checksums verified), loads the model, and writes a small temporary resume
-directory: ``trainer_state.json`` and symbolic links to the checkpoint's model shards, index and
-config (the Trainer reads those itself). In ``on_train_begin`` (the optimizer and scheduler exist
-by then) it loads the optimizer and scheduler state and removes the directory, and it restores the
-RNG states when the Trainer would: at ``on_epoch_begin`` when the checkpoint is at an epoch
-boundary, else at the first ``on_step_begin`` (after the skipped batches were drawn), as
-``Trainer._load_rng_state`` does.
+**Resuming.** ``trainer.train(resume_from_checkpoint=True)`` finds the newest ``checkpoint-N``;
+the Trainer reads model and ``trainer_state.json`` through its links, and ``on_train_begin`` loads
+ckptd step N for the rest (below), from the run that ``trainer_state.json`` names
+(``stateful_callbacks["ckptd"]``); a checkpoint that names none is the Trainer's alone.
+``train()`` (or ``prepare_resume`` + ``trainer.train(resume_from_checkpoint=...)``) uses the
+Trainer's own resume logic, so it skips epochs and batches exactly as resuming from a
+``checkpoint-N`` directory does. ``prepare_resume`` reads the checkpoint (checksums verified),
+loads the model, and writes a small temporary resume directory: ``trainer_state.json`` and
+symbolic links to the checkpoint's model shards, index and config (the Trainer reads those). In
+``on_train_begin`` (the optimizer and scheduler exist by then) it loads the optimizer and
+scheduler state and removes the directory, and it restores the RNG states when the Trainer
+would: at ``on_epoch_begin`` when the checkpoint is at an epoch boundary, else at the first
+``on_step_begin`` (after the skipped batches were drawn), as ``Trainer._load_rng_state`` does.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -73,7 +79,7 @@ from client.client import Client
 from client.errors import CheckpointError
 from client.handle import SnapshotHandle
 from client.integrations import capture_rng, from_tree, latest_step, load_step, restore_rng, to_tree
-from client.integrations.hf_outputs import link_checkpoint, processor_files, prune_links
+from client.integrations.hf_outputs import fill_checkpoint, link_checkpoint, processor_files, prune_links
 
 if TYPE_CHECKING:
     from transformers.trainer_utils import TrainOutput
@@ -81,6 +87,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 Policy = Literal["block", "skip", "error"]
 _CONFIG_FILES = frozenset({"config.json", "generation_config.json"})  # written from the model
+#: The key of ``trainer_state.json``'s ``stateful_callbacks`` naming the ckptd step it belongs to
+#: (not a callback's class name: the Trainer never tries to rebuild a callback from it).
+STATE_KEY = "ckptd"
+
+
+def default_run(output_dir: str | os.PathLike[str]) -> str:
+    """The run of a ``CkptdCallback`` given no run (and a client of the run ``"default"``): one
+    per ``output_dir``, ``<its name>-<8 hex digits of its absolute path>``, so two trainings
+    never share one by accident."""
+    path = os.path.abspath(os.fspath(output_dir))
+    name = "".join(c if c.isalnum() or c in "_-." else "_" for c in os.path.basename(path))
+    name = name.lstrip("._-")[:100] or "run"
+    return f"{name}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
 
 
 @dataclass
@@ -94,7 +113,9 @@ class _Resume:
 class CkptdCallback(TrainerCallback):
     """Send the ``Trainer``'s checkpoints to ckptd instead of writing them synchronously.
 
-    ``client``: a connected ``Client``; ``run``: the ckptd run (the client's by default);
+    ``client``: a connected ``Client``; ``run``: the ckptd run (by default the client's, unless
+    that is ``"default"``: then one per ``output_dir``, ``default_run``; a resumed training
+    carries on in the run it resumed from);
     ``policy``: ``snapshot()``'s policy when both slots are still being written (``"block"``,
     ``"skip"`` or ``"error"``); ``wait_at_end``: wait for the last snapshots to be durable in
     ``on_train_end`` (raising a failure).
@@ -110,6 +131,8 @@ class CkptdCallback(TrainerCallback):
         self.handles: list[SnapshotHandle] = []
         self.trainer: Trainer | None = None
         self._resume: _Resume | None = None
+        self._resumed_run: str | None = None  # the ckptd run this training resumed from
+        self._saving_run: str | None = None  # the run of the snapshots taken (links, retention)
         self._last_step: int | None = None
         self._warned_committed = False  # one warning for all the already-committed steps skipped
         self._unannounced: list[SnapshotHandle] = []  # on_save not yet fired for these
@@ -142,9 +165,10 @@ class CkptdCallback(TrainerCallback):
         the directory to pass as ``trainer.train(resume_from_checkpoint=...)``; None when the run
         has no checkpoint and ``step`` is None."""
         trainer = self._bound()
-        if step is None and latest_step(self.client, self.run) is None:
+        run = self._run(trainer.args)
+        if step is None and latest_step(self.client, run) is None:
             return None
-        found, step_dir, loaded = load_step(self.client, run=self.run, step=step)
+        found, step_dir, loaded = load_step(self.client, run=run, step=step)
         missing = {"model", "trainer_state"} - set(loaded)
         if missing:
             raise CheckpointError(
@@ -160,6 +184,7 @@ class CkptdCallback(TrainerCallback):
                 os.symlink(step_dir / entry, os.path.join(directory, entry))
         self._discard_resume()
         self._resume = _Resume(found, loaded, directory)
+        self._resumed_run = run
         log.info("resuming from %s (step %d)", step_dir, found)
         return directory
 
@@ -176,8 +201,10 @@ class CkptdCallback(TrainerCallback):
     ) -> None:
         _check_args(args)
         self._processor = None
-        if self._resume is None and state.global_step > 0:
-            self._resume_from_link(args, state.global_step)
+        if self._resume is None:
+            self._resumed_run = None
+            if state.global_step > 0:
+                self._resume_from_state(state)
         resume = self._resume
         if resume is None:
             return
@@ -189,6 +216,7 @@ class CkptdCallback(TrainerCallback):
                 resume.step,
             )
             self._discard_resume()
+            self._resumed_run = None
             return
         if resume.directory:
             shutil.rmtree(resume.directory, ignore_errors=True)
@@ -278,27 +306,40 @@ class CkptdCallback(TrainerCallback):
                 shutil.rmtree(self._resume.directory, ignore_errors=True)
             self._resume = None
 
-    def _resume_from_link(self, args: TrainingArguments, step: int) -> None:
-        """The Trainer resumed at ``step`` from a checkpoint of its choosing
-        (``resume_from_checkpoint=True`` finds ``checkpoint-N``, a link to the ckptd step): load
-        that ckptd step, so optimizer, scheduler and RNG are restored as ``prepare_resume`` does.
-        A real ``checkpoint-N`` directory of the Trainer's own is the Trainer's to load."""
-        run = self.run or self.client.run
-        own = Path(str(args.output_dir)) / f"checkpoint-{step}"
-        if own.is_symlink():  # a ckptd link: it names the run (another run's link included)
-            target = own.resolve()
-            if target.parent.parent != self.client.root.resolve():
-                log.warning(
-                    "%s links to %s, not a step of ckptd's root: not restoring from ckptd", own, target
-                )
-                return
-            run = target.parent.name
-        elif own.is_dir():
-            return  # the Trainer's own checkpoint: it loads optimizer, scheduler and RNG itself
-        if not (self.client.root / run / paths.step_dirname(step)).is_dir():
+    def _run(self, args: TrainingArguments) -> str:
+        """The run this training saves to (and ``prepare_resume`` reads)."""
+        if self.run is not None:
+            return self.run
+        if self._resumed_run is not None:
+            return self._resumed_run
+        if self.client.run != "default":
+            return self.client.run
+        return default_run(str(args.output_dir))
+
+    def _resume_from_state(self, state: TrainerState) -> None:
+        """The Trainer resumed at ``state.global_step`` from a checkpoint of its choosing
+        (``resume_from_checkpoint=True`` finds ``checkpoint-N``): when that checkpoint's
+        ``trainer_state.json`` names a ckptd step (``stateful_callbacks["ckptd"]``, written by
+        ``_save``) at that step, load it, so optimizer, scheduler and RNG are restored as
+        ``prepare_resume`` does. Any other checkpoint (the Trainer's own, someone else's) is the
+        Trainer's to load: nothing of ckptd's is."""
+        saved: Any = state.stateful_callbacks  # a dict once loaded from trainer_state.json
+        record = saved.get(STATE_KEY) if isinstance(saved, dict) else None
+        if not isinstance(record, dict) or record.get("step") != state.global_step:
             return
-        found, step_dir, loaded = load_step(self.client, run=run, step=step)
+        run, root = record.get("run"), record.get("root")
+        if not isinstance(run, str) or Path(str(root)).resolve() != self.client.root.resolve():
+            log.warning(
+                "the Trainer resumed from a ckptd checkpoint of %s (run %s), not of this client's "
+                "root %s: not restoring optimizer, scheduler and RNG from ckptd",
+                root,
+                run,
+                self.client.root,
+            )
+            return
+        found, step_dir, loaded = load_step(self.client, run=run, step=state.global_step)
         self._resume = _Resume(found, loaded, "")
+        self._resumed_run = run
         log.info("resuming from %s (step %d), the Trainer's resume_from_checkpoint", step_dir, found)
 
     def _announce(self, args: TrainingArguments, state: TrainerState, control: TrainerControl) -> None:
@@ -308,22 +349,27 @@ class CkptdCallback(TrainerCallback):
         done = [h for h in self._unannounced if h.done_now()]
         self._unannounced = [h for h in self._unannounced if h not in done]  # failures: wait()
         committed = sorted((h for h in done if h.path is not None), key=lambda h: h.step)
-        run_dir = self.client.root / (self.run or self.client.run)
+        run = self._saving_run or self._run(args)
+        run_dir = self.client.root / run
         for h in committed:
             if h.path is None:
                 continue
-            link_checkpoint(str(args.output_dir), h.step, h.path)
+            link = link_checkpoint(str(args.output_dir), h.step, h.path, self.client.root, run)
             self._note_best(args, state)
             if self.trainer is not None:
                 # As the Trainer's own on_save sees it: global_step is the saved step (callbacks
                 # name f"checkpoint-{state.global_step}"); training is at a later step, restored.
                 should_save, now = control.should_save, state.global_step
                 state.global_step = h.step
+                before = _file_stats(h.path)
                 try:
                     self.trainer.callback_handler.on_save(args, state, control)
                 finally:
                     state.global_step = now
                     control.should_save = should_save  # on_save clears it; a save to come stays
+                _check_untouched(h.path, before)
+            if link is not None:
+                fill_checkpoint(link, h.path)
         if committed:
             prune_links(str(args.output_dir), run_dir)
         self._note_best(args, state)
@@ -345,8 +391,16 @@ class CkptdCallback(TrainerCallback):
         step = state.global_step
         if step == self._last_step:
             return  # already saved at this step (e.g. the last step of an epoch)
-        run = self.run or self.client.run
+        run = self._run(args)
         if (self.client.root / run / paths.step_dirname(step)).exists():
+            if self._resumed_run != run:  # another training's step: never skip nor prune it
+                raise CheckpointError(
+                    f"[run={run} step={step}] is already committed by another training (this one "
+                    f"did not resume from run {run!r}); ckptd never overwrites a committed step: "
+                    "give this training its own run, CkptdCallback(run=...), or resume from that "
+                    "run (trainer.train(resume_from_checkpoint=True), CkptdCallback.train())",
+                    code="already_committed",
+                )
             # Resumed from an older step: an earlier attempt committed this one (ckptd never
             # overwrites a committed step). Keep it rather than fail the training.
             if not self._warned_committed:
@@ -372,6 +426,11 @@ class CkptdCallback(TrainerCallback):
             tree["lr_scheduler"] = to_tree(scheduler.state_dict(), "lr_scheduler")
         tree["rng"] = capture_rng()
         trainer_state = self._trainer_state(state, control)
+        trainer_state["stateful_callbacks"][STATE_KEY] = {
+            "root": str(self.client.root.resolve()),
+            "run": run,
+            "step": step,
+        }
         tree["trainer_state"] = to_tree(trainer_state, "trainer_state")
         tree["step"] = step
         files = {
@@ -383,10 +442,20 @@ class CkptdCallback(TrainerCallback):
         }
         limit = args.save_total_limit
         keep_last = limit if limit is not None and limit > 0 else None
+        # As rotate_checkpoints, retention never removes the best step (best_model_checkpoint).
+        best = getattr(state, "best_global_step", None)
+        keep_steps = [best] if args.metric_for_best_model is not None and best else []
         handle = self.client.snapshot(
-            tree, step=step, run=run, policy=self.policy, files=files, keep_last=keep_last
+            tree,
+            step=step,
+            run=run,
+            policy=self.policy,
+            files=files,
+            keep_last=keep_last,
+            keep_steps=keep_steps,
         )
         self._last_step = step
+        self._saving_run = run
         # Forget committed ones; pending and failed ones stay for wait() (a failure is also raised
         # by the client's next snapshot()).
         self.handles = [h for h in self.handles if h.path is None and not h.skipped]
@@ -415,6 +484,45 @@ class CkptdCallback(TrainerCallback):
             if isinstance(cb, ExportableState) and not isinstance(saved.get(type(cb).__name__), list):
                 saved[type(cb).__name__] = json.loads(json.dumps(cb.state()))
         return dict(data)
+
+
+def _file_stats(step_dir: Path) -> dict[str, tuple[int, int, int]]:
+    """(inode, size, mtime) of the files at the top of a committed step."""
+    stats = {}
+    try:
+        with os.scandir(step_dir) as entries:
+            for e in entries:
+                if e.is_file(follow_symlinks=False):
+                    st = e.stat(follow_symlinks=False)
+                    stats[e.name] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    except FileNotFoundError:  # retention removed it already
+        pass
+    return stats
+
+
+def _check_untouched(step_dir: Path, before: dict[str, tuple[int, int, int]]) -> None:
+    """After ``on_save``: a callback running as root (which file modes do not stop) may have
+    written into the read-only step through a link of ``checkpoint-N``. Raise if the step no
+    longer verifies; a file rewritten with the same bytes is only warned about."""
+    after = _file_stats(step_dir)
+    if not after:
+        return
+    touched = sorted(n for n in before.keys() | after.keys() if before.get(n) != after.get(n))
+    if not touched:
+        return
+    problems = reading.verify(step_dir)
+    where = f"{step_dir} ({', '.join(touched)})"
+    fix = (
+        "on_save callbacks may add files to checkpoint-N, never write over the links into the "
+        "step there (remove a link first: os.remove removes the link only)"
+    )
+    if problems:
+        raise CheckpointError(
+            f"an on_save callback wrote into the committed step {where}; it no longer verifies "
+            f"({problems[0]}): {fix}",
+            code="restore_mismatch",
+        )
+    log.warning("an on_save callback rewrote files of the committed step %s (same bytes): %s", where, fix)
 
 
 def _unwrap(optimizer: Any) -> torch.optim.Optimizer:

@@ -65,6 +65,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule
 
 from ckptd import paths, reading
+from ckptd.storage import unseal_tree
 from client.client import Client
 from client.errors import CheckpointError
 from client.handle import SnapshotHandle
@@ -349,6 +350,8 @@ def _remove_step(run_dir: Path, step: int) -> None:
         os.rename(src, doomed)
     except FileNotFoundError:
         return
+    with contextlib.suppress(OSError):
+        unseal_tree(doomed)  # a committed step's directories are read-only
     shutil.rmtree(doomed, ignore_errors=True)
     with contextlib.suppress(OSError):
         fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
