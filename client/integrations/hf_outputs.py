@@ -108,6 +108,25 @@ def link_checkpoint(
     return final
 
 
+def link_committed(output_dir: str | os.PathLike[str], root: Path, run: str) -> list[Path]:
+    """Give every committed step of ``run`` that has none its ``output_dir/checkpoint-N`` (and
+    drop those of steps gone): a step the daemon committed after the trainer died (as it does for
+    every snapshot that ``snapshot()`` returned for) is then found by ``get_last_checkpoint``, so
+    ``train(resume_from_checkpoint=True)`` resumes from it. Returns the entries made."""
+    made = []
+    run_dir = Path(root) / run
+    for step, step_dir in paths.committed_steps(run_dir):
+        if os.path.lexists(Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"):
+            continue
+        link = link_checkpoint(output_dir, step, step_dir, root, run)
+        if link is not None:
+            fill_checkpoint(link, step_dir)
+            made.append(link)
+    if os.path.isdir(output_dir):
+        prune_links(output_dir, run_dir)
+    return made
+
+
 def fill_checkpoint(checkpoint: Path, step_dir: Path) -> None:
     """Link the step's other files (config.json, tokenizer files, training_args.json) into
     ``checkpoint``, once ``on_save`` callbacks ran: a file a callback wrote there (a processor's

@@ -79,7 +79,13 @@ from client.client import Client
 from client.errors import CheckpointError
 from client.handle import SnapshotHandle
 from client.integrations import capture_rng, from_tree, latest_step, load_step, restore_rng, to_tree
-from client.integrations.hf_outputs import fill_checkpoint, link_checkpoint, processor_files, prune_links
+from client.integrations.hf_outputs import (
+    fill_checkpoint,
+    link_checkpoint,
+    link_committed,
+    processor_files,
+    prune_links,
+)
 
 if TYPE_CHECKING:
     from transformers.trainer_utils import TrainOutput
@@ -151,7 +157,21 @@ class CkptdCallback(TrainerCallback):
         """Give the callback its ``Trainer``: needed for ``train``/``prepare_resume``, and so that
         the states of other stateful callbacks (e.g. early stopping) are saved."""
         self.trainer = trainer
+        self._link_committed(trainer.args)
         return self
+
+    def on_init_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._link_committed(args)  # a callback given to Trainer(callbacks=[...])
+
+    def _link_committed(self, args: TrainingArguments) -> None:
+        """Before ``train()`` looks for ``checkpoint-N`` (``resume_from_checkpoint=True``): every
+        committed step of this training's run has its entry, also one committed after the
+        trainer that snapshotted it died."""
+        made = link_committed(str(args.output_dir), self.client.root, self._run(args))
+        if made:
+            log.info("linked %s committed step(s) into %s: %s", len(made), args.output_dir, made)
 
     def train(self, *, resume: bool = True, step: int | None = None, **train_kwargs: Any) -> TrainOutput:
         """``trainer.train()``, resuming from the newest ckptd checkpoint of the run (or ``step``)
