@@ -47,6 +47,7 @@ FILES = [
     "tests/test_service.py",
     "tests/test_hf_trainer_expectations.py",
     "tests/test_multirank.py",
+    "tests/test_hostile_i12.py",
     "tests/test_hf_review.py",
 ]
 
@@ -500,6 +501,18 @@ SCENARIOS = [
         "a 9 MiB blob is base64-encoded once for two frames (identity cache), both decode to the same "
         "bytes; processor files with names ckptd refuses are left out with a warning.",
         r"test_hf_review\.py::test_(unchanged_blob|processor_files_ckptd)",
+    ),
+    Scenario(
+        "Hostile: loader-named components, unanswering daemons, full stdout, export into a step, resume after death",
+        "Components named `teacher.safetensors` / `model.safetensors` are refused (never a directory "
+        "where loaders read weights); `ckptd stop` on a SIGSTOPped daemon and on another user's "
+        "(setpriv uid 65534) says it did not take the command, within --timeout; `ckptd ls > "
+        "/dev/full` prints one line, no traceback; `export` into the step directory is refused and "
+        "the step unchanged; a trainer `os._exit`ed right after snapshot() returned: the step "
+        "commits and `train(resume_from_checkpoint=True)` in a new process finds its checkpoint-N; "
+        "save_total_limit=1 with metric_for_best_model trains to the end and keeps the best step; "
+        "README's example reruns with fewer than 500 steps.",
+        r"test_hostile_i12\.py::",
     ),
 ]
 
