@@ -244,7 +244,9 @@ def test_resume_from_checkpoint_true_finds_a_step_committed_after_the_trainer_di
         env=env,
     )
     assert crash.returncode == 3, crash.stdout + crash.stderr
-    step2 = daemon.root / "default" / "step-000002"
+    from client.integrations.hf_trainer import default_run
+
+    step2 = daemon.root / default_run(out) / "step-000002"  # the callback's run: one per output_dir
     wait_until((step2 / "ckptd.json").exists, 30, "step 2 committed")
     resume = subprocess.run(
         [sys.executable, me, str(daemon.socket), str(out), "resume"],
