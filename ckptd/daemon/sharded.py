@@ -81,7 +81,7 @@ def create_files(storage: Storage, staged: commit.StagedCheckpoint, layout: Prep
         storage.fsync_dir(d)
 
 
-def write_pieces(  # noqa: PLR0913, PLR0917 - one file's ranges of one part, in a writer thread
+def write_pieces(  # noqa: PLR0917 - one file's ranges of one part, in a writer thread
     storage: Storage,
     base: Path,
     path: str,
