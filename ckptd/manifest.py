@@ -83,7 +83,7 @@ class PartRecord(_Model):
 
     rank: int
     manifest: FileRecord  # ``file`` is the part manifest's name inside ``ckptd.ranks.PARTS_DIR``
-    files: list[FileName]
+    files: list[StepPath]  # a component's shards are in its directory (``optimizer/...``)
     bytes: int
 
 

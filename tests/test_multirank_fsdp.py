@@ -157,6 +157,8 @@ def test_fsdp_step_is_a_consolidated_pretrained_checkpoint(job: Job) -> None:
     for p in parts:
         assert p.files == [] and {r.file for r in p.ranges} & model_files, p.rank
     assert [r.rank for r in manifest.parts] == [0, 1]
+    for record in manifest.parts:  # which rank wrote into which file
+        assert model_files <= set(record.files), record
 
 
 def test_uneven_dim0_shards(job: Job) -> None:

@@ -206,7 +206,12 @@ def shard_records(parts: dict[int, PartManifest]) -> dict[int, FileRecord]:
 
 def part_records(parts: dict[int, PartManifest], sealed: dict[int, FileRecord]) -> list[PartRecord]:
     return [
-        PartRecord(rank=r, manifest=sealed[r], files=[f.file for f in p.files], bytes=p.bytes)
+        PartRecord(
+            rank=r,
+            manifest=sealed[r],
+            files=[f.file for f in p.files] + sorted({g.file for g in p.ranges}),
+            bytes=p.bytes,
+        )
         for r, p in sorted(parts.items())
     ]
 
