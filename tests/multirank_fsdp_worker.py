@@ -12,6 +12,8 @@ MODE:
   tries a ``Shard(1)`` DTensor (refused) and times snapshot() against a full-model copy.
 - ``restore``: a model of other weights and a fresh AdamW, ``client.restore()``, rank 0 writes
   ``OUT/restored-W.safetensors`` (gathered), then the same losses as ``save``.
+- ``bench``: ``save``'s snapshot and timings only, of a larger model when ``FSDP_WORKER_HIDDEN``
+  is set (e.g. 512: about 400 MB of model and optimizer state).
 - ``dcp``: ``dcp.load`` with ``HuggingFaceStorageReader(step dir)`` into an FSDP2 model's state
   dict; rank 0 writes ``OUT/dcp-W.safetensors`` (the model, gathered).
 
@@ -36,7 +38,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from client import CheckpointError, Client
 
-SHARD = "40KB"  # several shard files, each written by both ranks
+SHARD = os.environ.get("FSDP_WORKER_SHARD", "40KB")  # several shard files, each written by both ranks
 RUN = "fsdp"
 STEP = 1
 
@@ -53,13 +55,14 @@ class Aux(nn.Module):
 
 
 def build(seed: int, sharded: bool) -> dict[str, Any]:
+    hidden = int(os.environ.get("FSDP_WORKER_HIDDEN", "32"))  # larger for a measurement (bench)
     config = Qwen2Config(
-        vocab_size=513,
-        hidden_size=32,
-        num_hidden_layers=2,
+        vocab_size=513 if hidden == 32 else 8193,
+        hidden_size=hidden,
+        num_hidden_layers=2 if hidden == 32 else 8,
         num_attention_heads=4,
         num_key_value_heads=2,
-        intermediate_size=64,
+        intermediate_size=2 * hidden,
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
@@ -121,14 +124,17 @@ def timings(state: dict[str, Any], client: Client, rank: int) -> dict[str, float
         locals_ += [v.to_local() if hasattr(v, "to_local") else v for v in s.values()]
     local_bytes = sum(t.numel() * t.element_size() for t in locals_)
     full_bytes = sum(t.numel() * t.element_size() for t in gathered(state).values())
-    buf = torch.empty(full_bytes, dtype=torch.uint8)
-    src = torch.empty(full_bytes, dtype=torch.uint8).fill_(1)
+    # Copies into buffers already touched (no page faults): the memcpy floors.
+    buf = torch.zeros(full_bytes, dtype=torch.uint8)
+    src = torch.ones(full_bytes, dtype=torch.uint8)
     started = time.perf_counter()
     buf.copy_(src)
     full_copy = time.perf_counter() - started
+    del buf, src
+    dsts = [torch.zeros_like(t) for t in locals_]
     started = time.perf_counter()
-    for t in locals_:
-        t.clone()
+    for d, t in zip(dsts, locals_, strict=True):
+        d.copy_(t)
     local_copy = time.perf_counter() - started
     started = time.perf_counter()
     handle = client.snapshot(state, step=2)
@@ -157,6 +163,66 @@ def refused(client: Client) -> str:
     return ""
 
 
+def save(client: Client, out: Path, rank: int, world: int, result: dict[str, Any]) -> None:
+    state = build(0, sharded=True)
+    result["loss0"] = train_step(state, 0)
+    state["step"] = STEP
+    started = time.perf_counter()
+    handle = client.snapshot(state, step=STEP)
+    result["stall_s"] = time.perf_counter() - started
+    info = handle.wait(timeout=60)
+    result["path"] = str(info.path) if info is not None else None
+    result["bytes"] = info.bytes if info is not None else None
+    ref = gathered(state)
+    if rank == 0:
+        save_file(ref, str(out / "full.safetensors"))
+    result["loss1"] = loss_of(state, 1)
+    train_step(state, 1)
+    result["loss2"] = loss_of(state, 2)
+    result["refused"] = refused(client)
+    result["timings"] = timings(state, client, rank)
+
+
+def bench(client: Client, out: Path, rank: int, world: int, result: dict[str, Any]) -> None:
+    """The stall and time to durable of a larger model (``FSDP_WORKER_HIDDEN``)."""
+    state = build(0, sharded=True)
+    train_step(state, 0)
+    started = time.perf_counter()
+    handle = client.snapshot(state, step=STEP)
+    result["stall_s"] = time.perf_counter() - started
+    handle.wait(timeout=300)
+    result["durable_s"] = time.perf_counter() - started
+    result["timings"] = timings(state, client, rank)
+
+
+def restore(client: Client, out: Path, rank: int, world: int, result: dict[str, Any]) -> None:
+    state = build(7, sharded=world > 1 or "RANK" in os.environ)
+    result["restored"] = client.restore(state, step=STEP)
+    ref = gathered(state)
+    if rank == 0:
+        save_file(ref, str(out / f"restored-{world}.safetensors"))
+    result["loss1"] = loss_of(state, 1)
+    train_step(state, 1)
+    result["loss2"] = loss_of(state, 2)
+
+
+def dcp_load(client: Client, out: Path, rank: int, world: int, result: dict[str, Any]) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    state = build(7, sharded=True)
+    sd = get_model_state_dict(state["model"])
+    step_dir = Path(client.root) / RUN / f"step-{STEP:06d}"
+    dcp.load(sd, storage_reader=dcp.HuggingFaceStorageReader(str(step_dir)))
+    set_model_state_dict(state["model"], sd)
+    ref = {f"model.{k}": full(v) for k, v in state["model"].state_dict().items()}
+    if rank == 0:
+        save_file(ref, str(out / f"dcp-{world}.safetensors"))
+
+
+MODES = {"save": save, "bench": bench, "restore": restore, "dcp": dcp_load}
+
+
 def main(mode: str, out: Path, socket_path: str) -> None:
     plain = "RANK" not in os.environ
     if not plain:
@@ -171,45 +237,7 @@ def main(mode: str, out: Path, socket_path: str) -> None:
         commit_timeout_s=20.0,
         group_timeout_s=60.0,
     )
-    if mode == "save":
-        state = build(0, sharded=True)
-        result["loss0"] = train_step(state, 0)
-        state["step"] = STEP
-        started = time.perf_counter()
-        handle = client.snapshot(state, step=STEP)
-        result["stall_s"] = time.perf_counter() - started
-        info = handle.wait(timeout=60)
-        result["path"] = str(info.path) if info is not None else None
-        result["bytes"] = info.bytes if info is not None else None
-        ref = gathered(state)
-        if rank == 0:
-            save_file(ref, str(out / "full.safetensors"))
-        result["loss1"] = loss_of(state, 1)
-        train_step(state, 1)
-        result["loss2"] = loss_of(state, 2)
-        result["refused"] = refused(client)
-        result["timings"] = timings(state, client, rank)
-    elif mode == "restore":
-        state = build(7, sharded=not plain)
-        result["restored"] = client.restore(state, step=STEP)
-        ref = gathered(state)
-        if rank == 0:
-            save_file(ref, str(out / f"restored-{world}.safetensors"))
-        result["loss1"] = loss_of(state, 1)
-        train_step(state, 1)
-        result["loss2"] = loss_of(state, 2)
-    elif mode == "dcp":
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
-        state = build(7, sharded=True)
-        sd = get_model_state_dict(state["model"])
-        step_dir = Path(client.root) / RUN / f"step-{STEP:06d}"
-        dcp.load(sd, storage_reader=dcp.HuggingFaceStorageReader(str(step_dir)))
-        set_model_state_dict(state["model"], sd)
-        ref = {f"model.{k}": full(v) for k, v in state["model"].state_dict().items()}
-        if rank == 0:
-            save_file(ref, str(out / f"dcp-{world}.safetensors"))
+    MODES[mode](client, out, rank, world, result)
     (out / f"{mode}-{world}-rank-{rank}.json").write_text(json.dumps(result))
     client.close()
     if not plain:
