@@ -14,6 +14,8 @@ MODE:
   ``OUT/restored-W.safetensors`` (gathered), then the same losses as ``save``.
 - ``bench``: ``save``'s snapshot and timings only, of a larger model when ``FSDP_WORKER_HIDDEN``
   is set (e.g. 512: about 400 MB of model and optimizer state).
+- ``kill``: snapshot step 1, a barrier (every snapshot() returned), then every rank SIGKILLs itself.
+- ``fail``: snapshot step 1 and record how its handle ended (the daemon injects a fault).
 - ``dcp``: ``dcp.load`` with ``HuggingFaceStorageReader(step dir)`` into an FSDP2 model's state
   dict; rank 0 writes ``OUT/dcp-W.safetensors`` (the model, gathered).
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from datetime import timedelta
@@ -220,7 +223,28 @@ def dcp_load(client: Client, out: Path, rank: int, world: int, result: dict[str,
         save_file(ref, str(out / f"dcp-{world}.safetensors"))
 
 
-MODES = {"save": save, "bench": bench, "restore": restore, "dcp": dcp_load}
+def kill(client: Client, out: Path, rank: int, world: int, result: dict[str, Any]) -> None:
+    """Snapshot step 1; once every rank's snapshot() has returned (a barrier), SIGKILL itself."""
+    state = build(0, sharded=True)
+    train_step(state, 0)
+    state["step"] = STEP
+    client.snapshot(state, step=STEP)
+    dist.barrier()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fail(client: Client, out: Path, rank: int, world: int, result: dict[str, Any]) -> None:
+    """Snapshot step 1 and report how the handle ended (the daemon injects a fault)."""
+    state = build(0, sharded=True)
+    train_step(state, 0)
+    try:
+        client.snapshot(state, step=STEP).wait(timeout=60)
+        result["error"] = None
+    except CheckpointError as e:
+        result["error"], result["code"] = str(e), e.code
+
+
+MODES = {"save": save, "kill": kill, "fail": fail, "bench": bench, "restore": restore, "dcp": dcp_load}
 
 
 def main(mode: str, out: Path, socket_path: str) -> None:

@@ -501,6 +501,20 @@ SCENARIOS = [
         "of its local bytes and of the whole model is recorded.",
         r"test_multirank_fsdp\.py::(test_non_contiguous|test_per_rank_stall)",
     ),
+    Scenario(
+        "FSDP2: every trainer SIGKILLed after all ranks' snapshot() returned",
+        "2 FSDP2 ranks, every pwrite slowed 0.2 s: each rank SIGKILLs itself after a barrier that "
+        "follows its snapshot(); the step commits afterwards from the daemon's copies, verifies, "
+        "LATEST moves, both parts listed, the daemon lives.",
+        r"test_multirank_fsdp\.py::test_every_trainer_killed",
+    ),
+    Scenario(
+        "FSDP2: EIO on one rank's slice write into a consolidated file",
+        "EIO on the first slice written into the first model file (its header written at staging): "
+        "both ranks' handles fail with the same `io_error` naming the rank, EIO and the file; "
+        "nothing visible, temp directory removed.",
+        r"test_multirank_fsdp\.py::test_failed_slice_write",
+    ),
 ]
 
 

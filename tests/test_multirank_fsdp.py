@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from safetensors.torch import load_file
 import ckptd
 from ckptd.daemon.sharded import tile_problem
 from ckptd.manifest import read_manifest
+from ckptd.paths import read_latest
 from ckptd.ranks import PARTS_DIR, PartManifest, part_filename
 
 TESTS = Path(__file__).parent
@@ -222,3 +224,74 @@ def test_tiling_gaps_and_overlaps_are_named() -> None:
     assert "overlaps" in (tile_problem({0: [(0, 0, 8, 0)], 1: [(0, 4, 12, 0)]}, [16]) or "")
     assert "cover 8 of shard 0" in (tile_problem({0: [(0, 0, 8, 0)]}, [16]) or "")
     assert "cover 0 of shard 1" in (tile_problem({0: [(0, 0, 16, 0)]}, [16, 4]) or "")
+
+
+def start_faulty(d: Path, fault: str) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    from conftest import wait_for_socket
+
+    root, sock = d / "root", d / "d.sock"
+    with open(d / "d.log", "wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(TESTS / "faulty_daemon.py"),
+                fault,
+                "--root",
+                str(root),
+                "--socket",
+                str(sock),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    wait_for_socket(sock, proc)
+    return proc, root, sock
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+
+
+def test_every_trainer_killed_after_snapshot_returned_still_commits(workdir: Path) -> None:
+    """Every pwrite sleeps 0.2 s: both trainers are dead long before the slices are on disk."""
+    proc, root, sock = start_faulty(workdir, "slow:0.2")
+    try:
+        out = workdir / "out"
+        out.mkdir()
+        with pytest.raises(AssertionError):  # every rank SIGKILLed itself: torchrun fails
+            run_worker(2, "kill", out, sock)
+        step_dir = root / STEP_DIR
+        deadline = time.monotonic() + 40
+        while read_latest(root / "fsdp") != "step-000001" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert step_dir.is_dir(), (workdir / "d.log").read_text()[-3000:]
+        assert ckptd.verify(step_dir) == []
+        assert sorted(p.rank for p in read_manifest(step_dir).parts) == [0, 1]
+        assert ckptd.load(step_dir)["model"]["model.embed_tokens.weight"].shape == (513, 32)
+        assert proc.poll() is None
+    finally:
+        stop(proc)
+
+
+def test_failed_slice_write_fails_every_rank(workdir: Path) -> None:
+    """EIO on the first slice written into the first model file (after its header): both handles
+    fail alike naming the rank, EIO and the file; nothing is visible, no temp directory left."""
+    victim = "model-00001-of-00004.safetensors"
+    proc, root, sock = start_faulty(workdir, f"eio-at:pwrite@{victim}:2")
+    try:
+        out = workdir / "out"
+        out.mkdir()
+        run_worker(2, "fail", out, sock)
+        got = results(out, "fail", 2)
+        assert [r.get("code") for r in got] == ["io_error", "io_error"], got
+        assert got[0]["error"] == got[1]["error"]
+        assert "s part failed: [EIO]" in got[0]["error"] and victim in got[0]["error"], got[0]["error"]
+        deadline = time.monotonic() + 10
+        while any((root / "fsdp").iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert list((root / "fsdp").iterdir()) == []
+    finally:
+        stop(proc)
