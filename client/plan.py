@@ -194,7 +194,8 @@ def _sharded_plan(  # noqa: PLR0917 - the parts of a plan, made once per signatu
             take = nbytes > 0
         else:
             take = i in mine_whole and nbytes > 0
-        specs.append(layout_mod.TensorSpec(p.spec.name, p.spec.dtype, tuple(t.shape)))
+        # A placement another rank writes is an empty view here (the device copy makes them all).
+        specs.append(layout_mod.TensorSpec(p.spec.name, p.spec.dtype, tuple(t.shape) if take else (0,)))
         if not take:
             offsets.append(0)
             sizes.append(0)

@@ -484,7 +484,8 @@ SCENARIOS = [
         "state gathered with `full_tensor()`, `ckptd verify` passes, the parts' ranges add up to the "
         "unique bytes, both ranks wrote into the model's files; uneven dim-0 shards whole in "
         "`ckptd.load`; the pieces' tiling check names gaps and overlaps.",
-        r"test_multirank_fsdp\.py::(test_fsdp_step_is_a_consolidated|test_uneven_dim0|test_tiling)",
+        r"test_multirank_fsdp\.py::(test_fsdp_step_is_a_consolidated|test_uneven_dim0|test_tiling|"
+        r"test_sharded_plan)",
     ),
     Scenario(
         "FSDP2 step restored at another world size",

@@ -295,3 +295,35 @@ def test_failed_slice_write_fails_every_rank(workdir: Path) -> None:
         assert list((root / "fsdp").iterdir()) == []
     finally:
         stop(proc)
+
+
+def test_sharded_plan_of_a_rank_views_every_placement(workdir: Path) -> None:
+    """A rank's plan (here rank 1 of 2) has a view for every placement (the device copy builds
+    them all, then copies its own): a plain tensor another rank writes is an empty view, its
+    slices are views of their local shapes in a slot of only its bytes."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from client.arena import Arena
+    from client.plan import make_plan, view
+    from client.tree import flatten
+
+    dist.init_process_group("gloo", init_method=f"file://{workdir / 'pg'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        w = distribute_tensor(torch.arange(12.0).reshape(3, 4), mesh, [Shard(0)])
+        state = {"m": {"w": w, "a": torch.ones(64), "b": torch.ones(32), "c": torch.ones(16)}}
+        plan = make_plan(flatten(state), 1 << 20, part=(1, 2))
+        assert plan.pieces is not None
+        mine = {i for start, stop in plan.mine for i in range(start, stop)}
+        assert 0 < len(mine) < len(plan.specs)  # its slice, and some of the plain tensors
+        assert plan.layout.slot_bytes < 2 * 4096  # only its bytes, not the layout's
+        arena = Arena(plan.layout.slot_bytes)
+        try:
+            views = [view(arena, plan, i) for i in range(len(plan.specs))]
+            assert [v.numel() > 0 for v in views] == [i in mine for i in range(len(views))]
+        finally:
+            arena.close()
+    finally:
+        dist.destroy_process_group()
