@@ -37,7 +37,9 @@ Protocol 5: a rank of a ``torchrun`` job sends its part of a step as a ``Snapsho
 ``world_size`` > 1, its ``rank``, the job's uid (``job``) and the shards it copied (``owned``);
 the daemon commits the step once every rank's part is durable and replies ``Committed`` (or the
 same ``Failed``, naming the rank that failed or the ranks missing) to every rank
-(``ckptd/daemon/parts.py``).
+(``ckptd/daemon/parts.py``). A rank of a sharded job (FSDP2) sends ``pieces`` instead of
+``owned``: the byte ranges of the step's consolidated files its slot holds (an older daemon refuses
+the field).
 """
 
 from __future__ import annotations
@@ -157,6 +159,11 @@ class Snapshot(Message):
     job: str = ""
     owned: list[int] | None = None
     commit_timeout_s: float = 120.0
+    # A rank's part of a sharded step (FSDP2 ``Shard(0)`` DTensors), instead of ``owned``: the
+    # byte ranges its slot holds, back to back, and where each goes in the step's consolidated
+    # files: ``(global shard index, start in that shard's data section, bytes, slot offset)``.
+    # The ranks' pieces tile every shard's data exactly once (checked before a byte is written).
+    pieces: list[tuple[int, int, int, int]] | None = None
 
 
 class Staged(Message):
@@ -394,8 +401,8 @@ def encode_snapshot(  # noqa: PLR0917 - the fields of one frame
     keep_steps: Sequence[int] = (),
 ) -> bytes:
     """A ``Snapshot`` frame naming a registered layout (streamed when ``ready`` is given);
-    ``part`` holds the multi-rank fields (``rank``, ``world_size``, ``job``, ``owned``,
-    ``commit_timeout_s``)."""
+    ``part`` holds the multi-rank fields (``rank``, ``world_size``, ``job``, ``owned`` or
+    ``pieces``, ``commit_timeout_s``)."""
     fields: dict[str, object] = {
         "kind": "snapshot",
         "id": snapshot_id,

@@ -56,6 +56,17 @@ class PartFile(BaseModel):
     xxh3_128: str
 
 
+class PartRange(BaseModel):
+    """A byte range one rank wrote into a consolidated file of a sharded step."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    shard: int  # global index of the shard in the layout
+    file: str
+    offset: int  # in the file (its header included)
+    bytes: int
+
+
 class PartManifest(BaseModel):
     """What one rank's daemon wrote for a multi-rank step, durable before the commit."""
 
@@ -69,7 +80,10 @@ class PartManifest(BaseModel):
     world_size: int
     layout: str  # xxh3-128 of the layout's shard headers and indexes: equal on every rank
     files: list[PartFile]
+    #: Of a sharded step (FSDP2): the ranges this rank wrote into the step's consolidated files
+    #: (whose checksums the commit takes once every part is durable); ``files`` is then empty.
+    ranges: list[PartRange] = []
 
     @property
     def bytes(self) -> int:
-        return sum(f.bytes for f in self.files)
+        return sum(f.bytes for f in self.files) + sum(r.bytes for r in self.ranges)

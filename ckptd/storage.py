@@ -50,6 +50,11 @@ class Storage:
         process of another user that follows a link into it gets ``PermissionError``."""
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
 
+    def open_write(self, path: Path) -> int:
+        """Open an existing file for writing (a consolidated file of a sharded step, which every
+        rank's part writes its own ranges of); a link is not followed."""
+        return os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
     def set_direct(self, fd: int, on: bool) -> bool:
         """Turn ``O_DIRECT`` on or off for an open file: writes then go from the caller's
         (aligned) buffer to the device without the page cache. False when the filesystem does not

@@ -378,9 +378,14 @@ class Client:
             key = signature(flat, max_shard)
             if key != self._plan_key or self._plan is None:
                 try:
-                    plan = make_plan(flat, max_shard)
+                    ranks = self._ranks
+                    plan = make_plan(
+                        flat, max_shard, None if ranks is None else (ranks.rank, ranks.world_size)
+                    )
                 except ProtocolError as e:
                     raise CheckpointError(f"snapshot layout too large: {e}", code="too_large") from e
+                except ValueError as e:  # a sharded snapshot without the ranks to write it
+                    raise CheckpointError(str(e), code="not_multi_rank") from e
                 self._plan_key, self._plan = key, plan
         return self._plan
 
@@ -495,6 +500,15 @@ class Client:
         ranks = self._ranks
         if ranks is None:
             return None
+        if (self._owned is None or self._owned[0] is not plan) and plan.pieces is not None:
+            fields_ = {
+                "rank": ranks.rank,
+                "world_size": ranks.world_size,
+                "job": ranks.job,
+                "pieces": [list(p) for p in plan.pieces],
+                "commit_timeout_s": float(self.options.commit_timeout_s),
+            }
+            self._owned = (plan, fields_, list(plan.mine))
         if self._owned is None or self._owned[0] is not plan:
             owned = ranks.owned(plan.layout)
             spans, first = [], 0
@@ -760,7 +774,9 @@ class Client:
         if self._ranks is not None:  # rank 0 picks the step, every rank loads it
             return ranks_mod.agree_restore(
                 self._ranks,
-                lambda s, fb: restore_mod.restore_run(obj, run_dir, step=s, fallback=fb),
+                lambda s, fb: restore_mod.restore_run(
+                    obj, run_dir, step=s, fallback=fb, verify=self._ranks is None or self._ranks.rank == 0
+                ),
                 step,
                 fallback,
             )

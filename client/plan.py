@@ -8,6 +8,7 @@ device copies, per arena the tensor views it copies into.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from array import array
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ckptd import layout as layout_mod
+from ckptd import ranks as ranks_mod
 from ckptd.protocol import encode_layout
 from ckptd.torch_dtypes import FROM_SAFETENSORS, safetensors_dtype
 from client.arena import Arena
@@ -47,6 +49,12 @@ class Plan:
     specs: tuple[layout_mod.TensorSpec, ...]  # of each placement
     #: (first placement, placement after the last, slot bytes copied after it), in slot order
     batches: tuple[tuple[int, int, int], ...]
+    #: Of a rank's part of a sharded snapshot (``Shard(0)`` DTensors): the byte ranges it copies
+    #: and its daemon writes, ``(global shard index, start in the shard's data, bytes, slot
+    #: offset)``, and its placements as ``(first, after last)`` ranges. The slot then holds only
+    #: these bytes, back to back (``layout.slot_bytes`` is their total, not the layout's).
+    pieces: tuple[tuple[int, int, int, int], ...] | None = None
+    mine: tuple[tuple[int, int], ...] = ()
 
 
 def signature(flat: Flat, max_shard_size: int) -> tuple[object, ...]:
@@ -54,17 +62,29 @@ def signature(flat: Flat, max_shard_size: int) -> tuple[object, ...]:
     return (
         max_shard_size,
         tuple(
-            (c.name, [(n, t.dtype, t.shape) for n, t in c.tensors], tuple(c.aliases.items()))
+            (
+                c.name,
+                [(n, t.dtype, t.shape) for n, t in c.tensors],
+                tuple(c.aliases.items()),
+                tuple(c.shards.items()),
+            )
             for c in flat.components
         ),
     )
 
 
-def make_plan(flat: Flat, max_shard_size: int) -> Plan:
+def make_plan(flat: Flat, max_shard_size: int, part: tuple[int, int] | None = None) -> Plan:
+    """The plan of ``flat``; ``part`` (rank, world size) for a rank of a sharded snapshot: the
+    layout is planned from the global shapes (the same on every rank), the slot from its slices."""
     specs = [
         (
             c.name,
-            [layout_mod.TensorSpec(n, safetensors_dtype(t.dtype, n), tuple(t.shape)) for n, t in c.tensors],
+            [
+                layout_mod.TensorSpec(
+                    n, safetensors_dtype(t.dtype, n), c.shards[n][0] if n in c.shards else tuple(t.shape)
+                )
+                for n, t in c.tensors
+            ],
         )
         for c in flat.components
     ]
@@ -110,6 +130,14 @@ def make_plan(flat: Flat, max_shard_size: int) -> Plan:
     ]
     placements = [(s.offset, p) for comp in lay.components for s in comp.shards for p in s.tensors]
     layout_id = next(_layout_ids)
+    if flat.sharded:
+        if part is None:
+            raise ValueError(
+                "this snapshot holds sharded DTensors (FSDP2): connect the client under torchrun "
+                "(every rank calls ckptd.connect() after init_process_group), not with "
+                "process_group=False"
+            )
+        return _sharded_plan(flat, lay, encode_layout(layout_id, entries), comps, indices, layout_id, part)
     return Plan(
         lay,
         encode_layout(layout_id, entries),  # ProtocolError if too large for the wire
@@ -123,6 +151,75 @@ def make_plan(flat: Flat, max_shard_size: int) -> Plan:
         ),
         specs=tuple(p.spec for _, p in placements),
         batches=_batches([base + p.end for base, p in placements], [p.end - p.start for _, p in placements]),
+    )
+
+
+def _sharded_plan(  # noqa: PLR0917 - the parts of a plan, made once per signature
+    flat: Flat,
+    lay: layout_mod.Layout,
+    frames: bytes,
+    comps: array[int],
+    indices: array[int],
+    layout_id: int,
+    part: tuple[int, int],
+) -> Plan:
+    """A rank's plan of a sharded snapshot: each ``Shard(0)`` slice is the byte range
+    ``[offset[0] * row bytes, + local bytes)`` of its tensor; a tensor every rank holds whole is
+    written by one owner (``ckptd.ranks.assign_shards`` over those tensors: the same on every
+    rank); the slot holds this rank's ranges back to back, each 64-byte aligned."""
+    rank, world = part
+    whole: list[int] = []  # placements every rank holds whole
+    placed: list[tuple[int, layout_mod.TensorPlacement, tuple[tuple[int, ...], tuple[int, ...]] | None]] = []
+    g = -1
+    for ci, comp in enumerate(lay.components):
+        for shard in comp.shards:
+            g += 1
+            for p in shard.tensors:
+                sharded = flat.components[ci].shards.get(p.spec.name)
+                if sharded is None:
+                    whole.append(len(placed))
+                placed.append((g, p, sharded))
+    owners = ranks_mod.assign_shards([placed[i][1].end - placed[i][1].start for i in whole], world)
+    mine_whole = {i for i, r in zip(whole, owners, strict=True) if r == rank}
+    pieces, specs, offsets, sizes, mine = [], [], array("q"), array("q"), []
+    pos = 0
+    for i, (g, p, sharded) in enumerate(placed):
+        t = flat.components[comps[i]].tensors[indices[i]][1]
+        nbytes = t.numel() * t.element_size()
+        start = p.start
+        if sharded is not None:
+            shape, offset = sharded
+            row = (p.end - p.start) // shape[0] if shape and shape[0] else 0
+            start += offset[0] * row if offset else 0
+            take = nbytes > 0
+        else:
+            take = i in mine_whole and nbytes > 0
+        # A placement another rank writes is an empty view here (the device copy makes them all).
+        specs.append(layout_mod.TensorSpec(p.spec.name, p.spec.dtype, tuple(t.shape) if take else (0,)))
+        if not take:
+            offsets.append(0)
+            sizes.append(0)
+            continue
+        pieces.append((g, start, nbytes, pos))
+        offsets.append(pos)
+        sizes.append(nbytes)
+        mine.append((i, i + 1))
+        pos = (pos + nbytes + 63) // 64 * 64
+    return Plan(
+        dataclasses.replace(lay, slot_bytes=layout_mod.round_up(max(pos, 1))),
+        frames,
+        comps,
+        indices,
+        layout_id,
+        offsets=offsets,
+        sizes=sizes,
+        raw=tuple(
+            0 < n <= RAW_COPY_MAX and s.dtype not in _LAZY_BITS for n, s in zip(sizes, specs, strict=True)
+        ),
+        specs=tuple(specs),
+        batches=((0, len(specs), pos),),
+        pieces=tuple(pieces),
+        mine=tuple(mine),
     )
 
 

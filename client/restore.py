@@ -12,7 +12,7 @@ from torch import nn
 
 from ckptd import paths, reading, safeio
 from ckptd.manifest import read_manifest
-from client import fit
+from client import fit, reshard
 from client.errors import CheckpointError
 from client.offload import is_offloaded, load_offloaded_state_dict
 from client.tree import normalize, optimizer_param_order, param_names
@@ -20,9 +20,12 @@ from client.tree import normalize, optimizer_param_order, param_names
 log = logging.getLogger(__name__)
 
 
-def restore_run(obj: object, run_dir: Path, *, step: int | None, fallback: bool) -> int:
+def restore_run(obj: object, run_dir: Path, *, step: int | None, fallback: bool, verify: bool = True) -> int:
     """Load step ``step`` (None: the newest that verifies, or only the newest unless ``fallback``)
-    of the run in ``run_dir`` into ``obj``; returns the step. Nothing is changed on failure."""
+    of the run in ``run_dir`` into ``obj``; returns the step. Nothing is changed on failure.
+    Into sharded state (DTensors) only this rank's slices are read (``client.reshard``), the
+    step verified first unless ``verify`` is False (another rank verified it)."""
+    sliced = reshard.wants_slices(obj)
     if step is not None:
         candidates = [run_dir / paths.step_dirname(step)]
     else:
@@ -35,7 +38,10 @@ def restore_run(obj: object, run_dir: Path, *, step: int | None, fallback: bool)
             if found not in ("a directory", None):  # ckptd never makes one; a link is not followed
                 raise reading.CorruptCheckpoint(f"{step_dir} is {found}, not a checkpoint directory")
             manifest = read_manifest(step_dir)
-            loaded = reading.load_manifest(step_dir, manifest)
+            if sliced:
+                loaded = reshard.load_slices(step_dir, manifest, obj, verify=verify)
+            else:
+                loaded = reading.load_manifest(step_dir, manifest)
         except reading.CorruptCheckpoint as e:  # ManifestError too: every damaged step, no more
             if step is not None or not fallback:
                 raise CheckpointError(f"cannot restore {step_dir}: {e}", code="corrupt") from e

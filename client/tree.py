@@ -62,9 +62,13 @@ class Component:
     #: parameter count (its index's ``total_parameters``, as transformers counts).
     pretrained: bool = False
     parameters: int | None = None
+    #: Of each ``Shard(0)`` DTensor (stored as its local tensor): (global shape, global offset).
+    shards: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
 
     def add(self, name: str, t: torch.Tensor) -> None:
         # Runs once per tensor per snapshot: only cheap attribute reads on the common path.
+        if type(t) is not torch.Tensor and type(t) is not nn.Parameter and is_dtensor(t):
+            t = self._local(name, t)
         names = self._names
         if name in names or not t.is_cpu or t.dtype not in TO_SAFETENSORS:
             self._check(name, t)
@@ -87,7 +91,10 @@ class Component:
     def add_all(self, items: Iterable[tuple[str, torch.Tensor]]) -> None:
         """``add`` each ``(name, tensor)`` in order (a state dict's items)."""
         names, first, tensors, ok = self._names, self._first, self.tensors, TO_SAFETENSORS
-        for name, t in items:
+        for name, value in items:
+            t = value
+            if type(t) is not torch.Tensor and type(t) is not nn.Parameter and is_dtensor(t):
+                t = self._local(name, t)
             if name in names or not t.is_cpu or t.dtype not in ok:
                 self._check(name, t)
             names.add(name)
@@ -103,6 +110,14 @@ class Component:
                 entry = (name, t)
                 tensors.append(entry)
                 first[ptr] = entry
+
+    def _local(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """The local tensor of a DTensor: a ``Shard(0)`` one noted in ``shards``; a replicated one
+        stored like a plain tensor (every rank holds it whole); any other placement refused."""
+        local, shape, offset = shard_of(f"{self.name}/{name}", t)
+        if shape is not None:
+            self.shards[name] = (shape, offset)
+        return local
 
     def _check(self, name: str, t: torch.Tensor) -> None:
         """Raise for a duplicate name, a meta tensor or a dtype safetensors cannot store; note a
@@ -191,11 +206,50 @@ class Component:
         for alias, stored in list(self.aliases.items()):
             if stored in self.prefer_dropped and alias not in self.prefer_dropped:
                 self.tensors = [(alias if n == stored else n, t) for n, t in self.tensors]
+                if stored in self.shards:
+                    self.shards[alias] = self.shards.pop(stored)
                 for a, s in self.aliases.items():
                     if s == stored:
                         self.aliases[a] = alias
                 del self.aliases[alias]
                 self.aliases[stored] = alias
+
+
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (without importing it eagerly)."""
+    return type(t).__name__ == "DTensor" and hasattr(t, "placements") and hasattr(t, "to_local")
+
+
+def shard_of(where: str, t: Any) -> tuple[torch.Tensor, tuple[int, ...] | None, tuple[int, ...]]:
+    """A DTensor's (local tensor, global shape, global offset); the shape is None for one every
+    rank holds whole (``Replicate`` on every mesh dimension). Only what is a contiguous byte range
+    of the full tensor is accepted: ``Shard(0)`` on a 1-D mesh (FSDP2's default)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    placements, mesh = tuple(t.placements), t.device_mesh
+    if all(isinstance(p, Replicate) for p in placements):
+        return t.to_local(), None, ()
+    if mesh.ndim != 1 or placements != (Shard(0),):
+        raise ValueError(
+            f"tensor {where} is a DTensor with placements {placements} on a mesh of shape "
+            f"{tuple(mesh.shape)}: ckptd writes sharded tensors straight into consolidated files, "
+            "which needs each rank's part to be one contiguous byte range of the full tensor: "
+            "Shard(0) on a 1-D mesh (FSDP2's fully_shard default). Other placements (Shard(1), "
+            "2-D meshes / HSDP, tensor parallelism) are not supported yet: snapshot a full state "
+            "dict instead (torch.distributed.checkpoint.state_dict.get_model_state_dict with "
+            "StateDictOptions(full_state_dict=True, cpu_offload=True)), or use "
+            "torch.distributed.checkpoint for this model"
+        )
+    shape = tuple(int(n) for n in t.shape)
+    local_shape, offset = compute_local_shape_and_global_offset(t.shape, mesh, placements)
+    local = t.to_local()
+    if tuple(local.shape) != tuple(local_shape) or tuple(local_shape[1:]) != shape[1:]:
+        raise ValueError(
+            f"tensor {where}: a DTensor whose local tensor has shape {tuple(local.shape)}, not the "
+            f"{tuple(local_shape)} its Shard(0) placement gives; snapshot the model's own state dict"
+        )
+    return local, shape, tuple(int(o) for o in offset)
 
 
 @dataclass
@@ -205,6 +259,11 @@ class Flat:
     files: dict[str, str]
     cuda: bool
     host: bool = True  # every tensor is in host memory (its data_ptr() is a CPU address)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether any tensor is a rank's ``Shard(0)`` slice of a DTensor."""
+        return any(c.shards for c in self.components)
 
     def signature(self) -> tuple[object, ...]:
         return tuple(

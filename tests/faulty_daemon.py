@@ -131,6 +131,12 @@ class FaultyStorage(Storage):
             self._names[fd] = path
         return fd
 
+    def open_write(self, path: Path) -> int:  # a sharded step's consolidated file, by each part
+        fd = self._counted("open_write", (path.name,), lambda: super(FaultyStorage, self).open_write(path))
+        with self._lock:
+            self._names[fd] = path
+        return fd
+
     def pwrite(self, fd: int, data: memoryview | bytes, offset: int) -> int:
         if self.kind == "slow":
             time.sleep(float(self.arg))

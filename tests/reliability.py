@@ -49,6 +49,7 @@ FILES = [
     "tests/test_multirank.py",
     "tests/test_hostile_i12.py",
     "tests/test_hf_review.py",
+    "tests/test_multirank_fsdp.py",
 ]
 
 
@@ -513,6 +514,45 @@ SCENARIOS = [
         "save_total_limit=1 with metric_for_best_model trains to the end and keeps the best step; "
         "README's example reruns with fewer than 500 steps.",
         r"test_hostile_i12\.py::",
+    ),
+    Scenario(
+        "FSDP2 under torchrun: slices written straight into consolidated files",
+        "Real `torchrun` (gloo, CPU), 2 ranks, FSDP2 (`fully_shard`) tiny Qwen2 (513-row vocabulary) "
+        "and a 3-row module, AdamW after one step: `from_pretrained(step_dir)` bit-exact to the "
+        "state gathered with `full_tensor()`, `ckptd verify` passes, the parts' ranges add up to the "
+        "unique bytes, both ranks wrote into the model's files; uneven dim-0 shards whole in "
+        "`ckptd.load`; the pieces' tiling check names gaps and overlaps.",
+        r"test_multirank_fsdp\.py::(test_fsdp_step_is_a_consolidated|test_uneven_dim0|test_tiling|"
+        r"test_sharded_plan)",
+    ),
+    Scenario(
+        "FSDP2 step restored at another world size",
+        "The 2-rank step restored into fresh FSDP2 models + AdamW of 2 and 4 ranks and a plain "
+        "one-process model: model and optimizer state bit-exact, the next two steps' losses equal to "
+        "the uninterrupted run's; `dcp.load` with `HuggingFaceStorageReader(step_dir)` into a 2-rank "
+        "FSDP2 model bit-exact.",
+        r"test_multirank_fsdp\.py::(test_restore_at_any_world_size|test_dcp_load)",
+    ),
+    Scenario(
+        "Non-contiguous DTensor placement refused; per-rank stall",
+        "A `Shard(1)` DTensor snapshotted under torchrun is refused naming the placement, that it is "
+        "not supported yet and what to snapshot instead; each rank's snapshot() time against copies "
+        "of its local bytes and of the whole model is recorded.",
+        r"test_multirank_fsdp\.py::(test_non_contiguous|test_per_rank_stall)",
+    ),
+    Scenario(
+        "FSDP2: every trainer SIGKILLed after all ranks' snapshot() returned",
+        "2 FSDP2 ranks, every pwrite slowed 0.2 s: each rank SIGKILLs itself after a barrier that "
+        "follows its snapshot(); the step commits afterwards from the daemon's copies, verifies, "
+        "LATEST moves, both parts listed, the daemon lives.",
+        r"test_multirank_fsdp\.py::test_every_trainer_killed",
+    ),
+    Scenario(
+        "FSDP2: EIO on one rank's slice write into a consolidated file",
+        "EIO on the first slice written into the first model file (its header written at staging): "
+        "both ranks' handles fail with the same `io_error` naming the rank, EIO and the file; "
+        "nothing visible, temp directory removed.",
+        r"test_multirank_fsdp\.py::test_failed_slice_write",
     ),
 ]
 

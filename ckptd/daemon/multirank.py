@@ -7,10 +7,12 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ckptd import commit
+from ckptd.daemon import sharded
 from ckptd.daemon.parts import (
     FAILED_KEPT_S,
     Group,
@@ -19,15 +21,16 @@ from ckptd.daemon.parts import (
     component_records,
     failure_of,
     layout_digest,
-    owned_bytes,
+    part_bytes,
     part_files,
     part_records,
     shard_count,
     shard_records,
     write_part,
 )
+from ckptd.manifest import FileRecord
 from ckptd.protocol import Committed, Failed, Progress
-from ckptd.ranks import PartManifest
+from ckptd.ranks import PartManifest, PartRange
 
 if TYPE_CHECKING:
     from ckptd.daemon.pipeline import Job, Pipeline
@@ -47,9 +50,15 @@ class MultiRank:
     def submit(self, job: Job) -> None:
         req, pl = job.request, self.pipeline
         key = (req.run, req.step, req.job)
-        if not _JOB.match(req.job) or req.owned is None or req.commit_timeout_s <= 0:
+        if (
+            not _JOB.match(req.job)
+            or (req.owned is None) == (req.pieces is None)
+            or req.commit_timeout_s <= 0
+        ):
             self._refuse(
-                job, "a multi-rank part needs a job uid (hex), its owned shards and commit_timeout_s > 0"
+                job,
+                "a multi-rank part needs a job uid (hex), its owned shards or its pieces (one of "
+                "them) and commit_timeout_s > 0",
             )
             return
         if key in self.failed:
@@ -66,7 +75,7 @@ class MultiRank:
                 group, PartFailed(f"{group.where}: {problem}; nothing was committed", "invalid_request")
             )
             return
-        job.nbytes = owned_bytes(job.layout, req.owned)
+        job.nbytes = part_bytes(job)
         job.stage_timeout_s = pl.options.stage_timeout_s
         group.jobs[req.rank] = job
         group.writing += 1
@@ -92,6 +101,7 @@ class MultiRank:
             prev=pl._tails.get(req.run),
             done=done,
             outcome=loop.create_future(),
+            sharded=req.pieces is not None,
         )
         group.outcome.add_done_callback(lambda f: f.exception())  # retrieved even if no part awaits
         pl._tails[req.run] = done
@@ -159,13 +169,66 @@ class MultiRank:
             loop = asyncio.get_running_loop()
             loop.run_in_executor(None, commit.discard, self.pipeline.storage, staged)
 
-    async def _staged(self, group: Group) -> commit.StagedCheckpoint:
+    async def _staged(self, group: Group, job: Job) -> commit.StagedCheckpoint:
         if group.staging is None:
             loop = asyncio.get_running_loop()
+            stage: Callable[[str, int, str | None], commit.StagedCheckpoint] = self.pipeline._stage
+            if group.sharded:  # and every consolidated file created, with its header, once
+                storage, layout = self.pipeline.storage, job.layout
+
+                def stage_sharded(run: str, step: int, nonce: str | None) -> commit.StagedCheckpoint:
+                    staged = self.pipeline._stage(run, step, nonce)
+                    sharded.create_files(storage, staged, layout)
+                    return staged
+
+                stage = stage_sharded
             group.staging = asyncio.ensure_future(
-                loop.run_in_executor(None, self.pipeline._stage, group.run, group.step, group.job)
+                loop.run_in_executor(None, stage, group.run, group.step, group.job)
             )
         return await asyncio.shield(group.staging)
+
+    async def _write_pieces(self, job: Job, staged: commit.StagedCheckpoint) -> list[PartRange]:
+        """This part's pieces of a sharded step, one writer thread per shard file it writes."""
+        pl, loop = self.pipeline, asyncio.get_running_loop()
+        paths = sharded.shard_paths(job.layout)
+        by_shard: dict[int, list[sharded.Piece]] = {}
+        for p in job.request.pieces or []:
+            by_shard.setdefault(p[0], []).append(p)
+
+        def written(n: int) -> None:
+            job.note_written(-1, n, finished=True)
+
+        futures = [
+            loop.run_in_executor(
+                pl._pool,
+                sharded.write_pieces,
+                pl.storage,
+                staged.temp_dir,
+                paths[g][0],
+                len(paths[g][1]),
+                g,
+                pieces,
+                job.arena,
+                written,
+            )
+            for g, pieces in sorted(by_shard.items())
+        ]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return [x for r in results if isinstance(r, list) for x in r]
+
+    async def _hash_files(self, group: Group, staged: commit.StagedCheckpoint) -> dict[int, FileRecord]:
+        """Every consolidated file of a sharded step, read back and hashed once (all parts durable)."""
+        pl, loop = self.pipeline, asyncio.get_running_loop()
+        started = time.monotonic()
+        paths = sharded.shard_paths(group.jobs[0].layout)
+        records = await asyncio.gather(
+            *(loop.run_in_executor(pl._pool, sharded.hash_file, staged.temp_dir, p) for p, _ in paths)
+        )
+        group.hash_s = time.monotonic() - started
+        return dict(enumerate(records))
 
     async def _run(self, group: Group, job: Job) -> None:
         # accepted → writing → synced (part durable) → committed (all parts) → pruned
@@ -173,11 +236,16 @@ class MultiRank:
         loop = asyncio.get_running_loop()
         try:
             try:
-                staged = await self._staged(group)
+                staged = await self._staged(group, job)
                 job.mark("writing")
                 job.reply(Progress(id=req.id, stage="writing", bytes_written=0))
+                ranges: list[PartRange] = []
+                records: dict[int, FileRecord] = {}
                 async with pl._budget.hold(job.nbytes):
-                    records = await pl._write_shard_files(job, staged, set(req.owned or []))
+                    if group.sharded:
+                        ranges = await self._write_pieces(job, staged)
+                    else:
+                        records = await pl._write_shard_files(job, staged, set(req.owned or []))
                 part = PartManifest(
                     run=req.run,
                     step=req.step,
@@ -186,6 +254,7 @@ class MultiRank:
                     world_size=req.world_size,
                     layout=group.digest,
                     files=part_files(records),
+                    ranges=ranges,
                 )
                 sealed = await loop.run_in_executor(None, write_part, pl.storage, staged, part)
                 job.mark("synced")
@@ -232,7 +301,11 @@ class MultiRank:
         try:
             if group.prev is not None:
                 await asyncio.shield(group.prev)  # commit in order within a run
-            components = component_records(first.layout, shard_records(group.parts))
+            if group.sharded:  # each consolidated file, whole, once every part is durable
+                files = await self._hash_files(group, staged)
+            else:
+                files = shard_records(group.parts)
+            components = component_records(first.layout, files)
             records = part_records(group.parts, group.sealed)
             manifest = await loop.run_in_executor(
                 None, pl._write_small_files, first, staged, components, records
@@ -255,12 +328,13 @@ class MultiRank:
         nbytes = sum(p.bytes for p in group.parts.values())
         pl.metrics.commit(nbytes, {"committing": time.monotonic() - group.started})
         log.info(
-            "[run=%s step=%s] committed %s bytes from %s ranks (job %s) in %.3fs",
+            "[run=%s step=%s] committed %s bytes from %s ranks (job %s%s) in %.3fs",
             group.run,
             group.step,
             nbytes,
             group.world_size,
             group.job,
+            f", sharded, files hashed in {group.hash_s:.3f}s" if group.sharded else "",
             time.monotonic() - group.started,
         )
         if self.groups.get(group.key) is group:

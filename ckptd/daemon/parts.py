@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ckptd import checksum, commit
+from ckptd.daemon import sharded
 from ckptd.daemon.layouts import PreparedLayout
 from ckptd.manifest import ComponentRecord, FileRecord, PartRecord
 from ckptd.ranks import PARTS_DIR, PartFile, PartManifest, part_filename
@@ -69,6 +70,14 @@ def shard_count(layout: PreparedLayout) -> int:
     return sum(len(c.shards) for c in layout.components)
 
 
+def part_bytes(job: Job) -> int:
+    """Bytes a rank's part writes: its owned shards, or its pieces."""
+    req = job.request
+    if req.pieces is not None:
+        return sum(p[2] for p in req.pieces)
+    return owned_bytes(job.layout, req.owned or [])
+
+
 def owned_bytes(layout: PreparedLayout, owned: list[int]) -> int:
     sizes = [s.nbytes for c in layout.components for s in c.shards]
     return sum(sizes[i] for i in owned)
@@ -95,6 +104,8 @@ class Group:
     writing: int = 0  # part tasks not finished
     timer: asyncio.TimerHandle | None = None
     started: float = field(default_factory=time.monotonic)
+    hash_s: float = 0.0  # of a sharded step: reading its files back for their checksums
+    sharded: bool = False  # parts send pieces of the consolidated files (ckptd/daemon/sharded.py)
 
     @property
     def key(self) -> Key:
@@ -117,6 +128,13 @@ class Group:
                 f"rank {req.rank} planned another layout than the rank(s) before it; every rank must "
                 "snapshot the same tree (names, dtypes, shapes) with the same max_shard_size"
             )
+        if (req.pieces is not None) != self.sharded:
+            return (
+                f"rank {req.rank} sent a {'sharded' if req.pieces is not None else 'replicated'} part, "
+                "the rank(s) before it the other kind; every rank must snapshot the same tree"
+            )
+        if self.sharded:
+            return self._admit_pieces(job)
         if sorted(set(owned)) != owned or any(not 0 <= i < self.shards for i in owned):
             return f"rank {req.rank} names shards {owned[:8]} that are not ascending indexes of its layout"
         taken = {i for j in self.jobs.values() for i in j.request.owned or []}
@@ -125,6 +143,15 @@ class Group:
         if len(self.jobs) + 1 == self.world_size and len(taken) + len(owned) != self.shards:
             return f"the ranks' shards cover {len(taken) + len(owned)} of the layout's {self.shards}"
         return None
+
+    def _admit_pieces(self, job: Job) -> str | None:
+        """The last part of a sharded step: the ranks' pieces must tile every shard exactly once."""
+        if len(self.jobs) + 1 < self.world_size:
+            return None
+        parts = {r: j.request.pieces or [] for r, j in self.jobs.items()}
+        parts[job.request.rank] = job.request.pieces or []
+        problem = sharded.tile_problem(parts, sharded.shard_sizes(job.layout))
+        return None if problem is None else f"the ranks' slices do not tile the layout: {problem}"
 
     def missing(self) -> list[int]:
         return [r for r in range(self.world_size) if r not in self.jobs]
@@ -179,7 +206,12 @@ def shard_records(parts: dict[int, PartManifest]) -> dict[int, FileRecord]:
 
 def part_records(parts: dict[int, PartManifest], sealed: dict[int, FileRecord]) -> list[PartRecord]:
     return [
-        PartRecord(rank=r, manifest=sealed[r], files=[f.file for f in p.files], bytes=p.bytes)
+        PartRecord(
+            rank=r,
+            manifest=sealed[r],
+            files=[f.file for f in p.files] + sorted({g.file for g in p.ranges}),
+            bytes=p.bytes,
+        )
         for r, p in sorted(parts.items())
     ]
 

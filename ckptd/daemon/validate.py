@@ -77,6 +77,9 @@ def check_snapshot(req: Snapshot, components: Sequence[PreparedComponent], arena
         raise InvalidRequest(
             f"keep_steps must be at most {MAX_KEEP_STEPS} steps >= 0, got {req.keep_steps[:8]}"
         )
+    if req.pieces is not None:
+        _check_pieces(req.pieces, [s.nbytes for c in components for s in c.shards], arena_size)
+        return
     for c in components:
         for i, shard in enumerate(c.shards):
             if shard.offset < 0 or shard.nbytes < 0 or shard.offset + shard.nbytes > arena_size:
@@ -84,6 +87,24 @@ def check_snapshot(req: Snapshot, components: Sequence[PreparedComponent], arena
                     f"component {c.name!r} shard {i}: bytes [{shard.offset}, "
                     f"{shard.offset + shard.nbytes}) are outside the {arena_size}-byte arena"
                 )
+
+
+def _check_pieces(
+    pieces: Sequence[tuple[int, int, int, int]], shards: Sequence[int], arena_size: int
+) -> None:
+    """Each piece of a sharded part lies inside its shard's data and inside the arena."""
+    for g, start, nbytes, at in pieces:
+        if not 0 <= g < len(shards):
+            raise InvalidRequest(f"piece of shard {g}: the layout has {len(shards)} shards")
+        if start < 0 or nbytes <= 0 or start + nbytes > shards[g]:
+            raise InvalidRequest(
+                f"piece [{start}, {start + nbytes}) of shard {g} is outside its {shards[g]} bytes"
+            )
+        if at < 0 or at + nbytes > arena_size:
+            raise InvalidRequest(
+                f"piece of shard {g}: slot bytes [{at}, {at + nbytes}) are outside the "
+                f"{arena_size}-byte arena"
+            )
 
 
 def files_bytes(req: Snapshot) -> int:
