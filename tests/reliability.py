@@ -504,7 +504,8 @@ SCENARIOS = [
         r"test_hf_review\.py::test_(unchanged_blob|processor_files_ckptd)",
     ),
     Scenario(
-        "Hostile: loader-named components, unanswering daemons, full stdout, export into a step, resume after death",
+        "Hostile: loader-named components, unanswering daemons, full stdout, export into a step, "
+        "resume after death",
         "Components named `teacher.safetensors` / `model.safetensors` are refused (never a directory "
         "where loaders read weights); `ckptd stop` on a SIGSTOPped daemon and on another user's "
         "(setpriv uid 65534) says it did not take the command, within --timeout; `ckptd ls > "
