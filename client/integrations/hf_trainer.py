@@ -375,6 +375,11 @@ class CkptdCallback(TrainerCallback):
             if h.path is None:
                 continue
             link = link_checkpoint(str(args.output_dir), h.step, h.path, self.client.root, run)
+            if link is None and not h.path.exists():
+                # Retention already removed it (a later step committed first): there is no
+                # checkpoint-N for on_save callbacks to write into or read from.
+                log.info("step %s was removed by retention before its on_save; not announced", h.step)
+                continue
             self._note_best(args, state)
             if self.trainer is not None:
                 # As the Trainer's own on_save sees it: global_step is the saved step (callbacks
