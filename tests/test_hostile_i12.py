@@ -135,6 +135,10 @@ def test_stop_of_another_users_daemon_says_it_was_refused(workdir: Path) -> None
             "--regid",
             str(NOBODY),
             "--clear-groups",
+            # The checkout may be in a directory only root can read (mktemp -d): let the other
+            # user read the code it runs, nothing more.
+            "--inh-caps=+dac_read_search",
+            "--ambient-caps=+dac_read_search",
             *CKPTD,
             "serve",
             "--root",
