@@ -13,6 +13,7 @@ import functools
 import itertools
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,11 +34,13 @@ from ckptd.protocol import (
     Staged,
     StatusReply,
     StatusRequest,
+    Welcome,
     encode,
 )
 from ckptd.sizes import parse_size
 from client import ranks as ranks_mod
 from client import restore as restore_mod
+from client import topology
 from client.arena import Arena
 from client.channel import Channel
 from client.errors import CheckpointError
@@ -109,6 +112,7 @@ class Client:
         self._reconnect_failed: tuple[float, CheckpointError] | None = None  # when, and why
         self._cuda = CudaStager()
         self._ranks: ranks_mod.Ranks | None = None  # under torchrun: this rank's place in its job
+        self._topology: topology.Topology | None = None  # and the daemons (nodes) of that job
         self._owned: tuple[Plan, dict[str, object], list[tuple[int, int]]] | None = None
         self._closed = False
         self._progress = Progress(options.stuck_timeout_s)
@@ -171,7 +175,11 @@ class Client:
                 "its peers would be taken for stuck storage"
             )
         if client._ranks is not None and client._channel is not None:
-            ranks_mod.check_one_daemon(client._ranks, client._channel.welcome.instance, str(client.root))
+            try:
+                client._topology = _topology(client._ranks, client._channel.welcome, str(client.root))
+            except CheckpointError:
+                client.close(wait=False)
+                raise
         client._watchdog = Watchdog(opts.liveness_timeout_s, lambda: client._channel, client._waiting_on)
         return client
 
@@ -888,3 +896,25 @@ def _mine(
     if part is None:
         return pairs
     return [pairs[i] for start, stop in part[1] for i in range(start, stop)]
+
+
+def _topology(ranks: ranks_mod.Ranks, welcome: Welcome, root: str) -> topology.Topology:
+    """The daemons of this job (a collective), refused where this version cannot commit it."""
+    topo = topology.discover(ranks, socket.gethostname(), welcome.instance, root)
+    if topo.single:
+        return topo
+    if topo.shared_root:
+        raise CheckpointError(
+            f"the ranks of this job reach {topo.daemons} ckptd daemons sharing the root {root}; "
+            "this ckptd version commits a multi-rank step in one daemon: run every rank on one "
+            "node with one daemon (CKPTD_SOCKET), or pass process_group=False to checkpoint each "
+            "rank on its own",
+            code="multi_node",
+        )
+    raise CheckpointError(
+        f"the ranks of this job reach {topo.daemons} ckptd daemons with roots of their own "
+        "(node-local); this ckptd version commits a multi-rank step in one daemon: run every rank "
+        "on one node with one daemon (CKPTD_SOCKET), or pass process_group=False to checkpoint "
+        "each rank on its own",
+        code="multi_node",
+    )
