@@ -239,3 +239,23 @@ def test_sharded_state_on_node_local_roots_is_refused(job: Job) -> None:
         assert "full_state_dict" in e["error"], e
     for root in job.roots:  # nothing sent: no step 9, no temp directory on either node
         assert not [n for n in steps(root) if n.startswith("step-000009")], steps(root)
+
+
+def test_part_group_is_the_node_ranks_under_a_job_of_its_own() -> None:
+    from client.noderoots import part_group
+    from client.ranks import Ranks
+    from client.topology import Topology
+
+    job = Ranks(rank=3, world_size=4, job="0123456789abcdef", group=None)
+    part = part_group(job, Topology(daemons=2, shared_root=False, node_ranks=(2, 3), node_index=1))
+    assert part is not None
+    assert (part.rank, part.world_size) == (1, 2)
+    assert part.job == "0123456789abcdef0001"  # hex, as the daemon's job pattern wants
+    other = part_group(
+        Ranks(rank=0, world_size=4, job=job.job, group=None),
+        Topology(daemons=2, shared_root=False, node_ranks=(0, 1), node_index=0),
+    )
+    assert other is not None and other.job != part.job
+    # a node of one rank sends plain single-process snapshots
+    alone = Ranks(rank=2, world_size=3, job=job.job, group=None)
+    assert part_group(alone, Topology(daemons=2, shared_root=False, node_ranks=(2,), node_index=1)) is None
