@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from bench import multirank_report as report
 from bench.daemon import Daemon
 
@@ -76,22 +78,32 @@ def free_port() -> int:
 
 
 def torchrun(cmd: list[str], log_path: Path, timeout_s: float) -> int:
-    """Run ``cmd`` in a new session; its status (-1: timed out). Whatever it started is killed
-    after, even when it exited by itself (a rank left behind would hold memory and the daemon)."""
+    """Run ``cmd``; its status (-1: timed out). torchrun starts each rank in a session of its
+    own, so killing its process group would leave them: the processes under it are collected
+    while it runs and every one still there is killed after, whatever happened."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    seen: dict[int, psutil.Process] = {}
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(
             cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
         try:
-            return proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            log.error("torchrun %d ran past %.0fs; killing its process group", proc.pid, timeout_s)
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                with contextlib.suppress(psutil.Error):
+                    seen.update((c.pid, c) for c in psutil.Process(proc.pid).children(recursive=True))
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    return proc.wait(1.0)
+            log.error("torchrun %d ran past %.0fs; killing it and its ranks", proc.pid, timeout_s)
             return -1
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
+            for child in seen.values():
+                with contextlib.suppress(psutil.Error):
+                    child.kill()  # psutil refuses a pid reused by another process
+            psutil.wait_procs(list(seen.values()), timeout=10)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(10)
 
@@ -158,8 +170,13 @@ class Harness:
         shutil.rmtree(self.sock_dir, ignore_errors=True)
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # so that the finally blocks stop the ranks and the daemon
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminated)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     command = shlex.join([sys.executable, "-m", "bench.multirank", *(sys.argv[1:] if argv is None else argv)])
     print(f"$ {command}", flush=True)

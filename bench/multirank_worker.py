@@ -113,7 +113,7 @@ class Checkpointer:
                 autostart=False,
                 run=f"mr-{args.workload}-w{dist.get_world_size()}",
                 max_shard_size=args.shard_size,
-                commit_timeout_s=args.timeout_s / 2,
+                commit_timeout_s=min(args.timeout_s / 4, 120.0),  # below stuck_timeout_s (300)
                 group_timeout_s=args.timeout_s,
             )
         elif name == "dcp_async":
