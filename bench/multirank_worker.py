@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import statistics
@@ -55,9 +56,12 @@ def build(
 ) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer]:
     """(the module to train, the module whose state is saved, its AdamW) after one step. The
     state is about ``mb_per_rank`` MB per rank: the whole of it on every rank under DDP, 1/W of
-    a W times larger model under FSDP2."""
+    a W times larger model under FSDP2, whose layers are sqrt(W) times wider (not W times more
+    of them), so a rank holds about as many tensors and bytes at every world size."""
     world = dist.get_world_size()
     total = mb_per_rank * 1e6 * (world if workload == "fsdp" else 1)
+    if workload == "fsdp":
+        hidden = max(64, round(hidden * math.sqrt(world) / 64) * 64)
     layers = max(2, round(total / (12 * hidden * (hidden + 1))))
     torch.manual_seed(0)  # the same weights on every rank
     model = Mlp(hidden, layers)
