@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint typecheck clean bench bench-quick reliability
+.PHONY: setup demo test lint typecheck clean bench bench-quick bench-multirank reliability
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ bench: setup
 
 bench-quick: setup
 	$(BIN)/python -m bench.run --quick
+
+# ckptd vs dcp.async_save vs dcp.save under torchrun (2 and 4 ranks, DDP and FSDP2).
+bench-multirank: setup
+	$(BIN)/python -m bench.multirank
 
 # Runs the crash, power-loss, corruption, hostile-input and load tests and rewrites docs/RELIABILITY.md.
 reliability: setup
