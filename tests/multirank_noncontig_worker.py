@@ -89,7 +89,9 @@ def build(seed: int, world: int) -> dict[str, Any]:
         mesh2 = init_device_mesh("cpu", (2, world // 2) if world > 2 else (world, 1))
         _distribute(model, mesh, lambda _, p: [Shard(1)] if p.dim() == 2 else [Shard(0)])
         _distribute(aux, mesh, lambda _, p: [Shard(0)])
-        _distribute(grid, mesh2, lambda n, p: [Replicate(), Shard(0)] if n == "hsdp" else [Shard(0), Shard(1)])
+        _distribute(
+            grid, mesh2, lambda n, p: [Replicate(), Shard(0)] if n == "hsdp" else [Shard(0), Shard(1)]
+        )
     params = [*model.parameters(), *aux.parameters(), *grid.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-2, foreach=False)
     return {"model": model, "aux": aux, "grid": grid, "optimizer": opt, "step": 0}
@@ -173,7 +175,10 @@ def restore(client: Client, out: Path, rank: int, world: int, result: dict[str, 
 
         other = build(11, world)
         sd = other["model"].state_dict()
-        load(sd, storage_reader=HuggingFaceStorageReader(str(Path(client.root) / RUN / "step-000001" / "model")))
+        load(
+            sd,
+            storage_reader=HuggingFaceStorageReader(str(Path(client.root) / RUN / "step-000001" / "model")),
+        )
         ref = {f"model.{k}": full(v) for k, v in sd.items()}
         if rank == 0:
             save_file(ref, str(out / f"dcp-{world}.safetensors"))
@@ -189,7 +194,12 @@ def main(mode: str, out: Path, socket_path: str) -> None:
     rank, world = (0, 1) if plain else (dist.get_rank(), dist.get_world_size())
     result: dict[str, Any] = {"rank": rank, "world_size": world}
     client = Client.connect(
-        socket_path, autostart=False, run=RUN, max_shard_size="2KB", commit_timeout_s=20.0, group_timeout_s=60.0
+        socket_path,
+        autostart=False,
+        run=RUN,
+        max_shard_size="2KB",
+        commit_timeout_s=20.0,
+        group_timeout_s=60.0,
     )
     MODES[mode](client, out, rank, world, result)
     (out / f"{mode}-{world}-rank-{rank}.json").write_text(json.dumps(result))

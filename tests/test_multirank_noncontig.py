@@ -117,8 +117,9 @@ def test_each_component_takes_its_path(job: Job, record_property: Callable[[str,
         for s in c.shards:
             with safe_open(str(job.step_dir / s.file), framework="pt") as f:
                 info = json.loads(f.metadata()["DCP_SHARDING_INFO"])
-                assert sorted(info) == sorted(f.keys())
-                for key in f.keys():
+                keys = list(f.keys())
+                assert sorted(info) == sorted(keys)
+                for key in keys:
                     block = f.get_tensor(key)
                     off = info[key]["saved_offsets"]
                     seen.setdefault(f"{c.name}.{key}", []).append((off, list(block.shape)))
@@ -184,17 +185,85 @@ def test_export_is_a_consolidated_pretrained_copy(job: Job, tmp_path: Path) -> N
         timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
     model = Qwen2ForCausalLM.from_pretrained(out)
     full = job.full()
     state = model.state_dict()
     assert state
     for name, t in state.items():
         assert torch.equal(t, full[f"model.{name}"]), name
-    assert load_file(str(out / "model.safetensors")).keys() == {k[len("model.") :] for k in full if k.startswith("model.")}
+    assert load_file(str(out / "model.safetensors")).keys() == {
+        k[len("model.") :] for k in full if k.startswith("model.")
+    }
 
 
 def test_partial_placement_is_refused(job: Job) -> None:
     for r in job.saved:
         message = r["refused"]
         assert "Partial" in message and "redistribute" in message, message
+
+
+def _block_file(path: Path, blocks: dict[str, tuple[torch.Tensor, list[int]]]) -> None:
+    from safetensors.torch import save_file
+
+    info = {k: {"saved_offsets": off} for k, (_, off) in blocks.items()}
+    save_file(
+        {k: t for k, (t, _) in blocks.items()}, str(path), metadata={"DCP_SHARDING_INFO": json.dumps(info)}
+    )
+
+
+def test_blocks_that_overlap_or_leave_a_gap_are_named(workdir: Path) -> None:
+    """A per-rank component whose blocks do not tile their tensor once is a damaged step."""
+    from ckptd import perrank
+    from ckptd.manifest import ComponentRecord, CorruptCheckpoint, FileRecord
+
+    a, b = torch.arange(12.0).reshape(3, 4), torch.arange(12.0, 24.0).reshape(3, 4)
+    _block_file(workdir / "r0.safetensors", {"w": (a, [0, 0])})
+    comp = ComponentRecord(
+        name="m",
+        shards=[FileRecord(file=f"r{i}.safetensors", bytes=0, xxh3_128="") for i in range(2)],
+        tensors=2,
+        total_size=96,
+        sharding="per-rank",
+    )
+    _block_file(workdir / "r1.safetensors", {"w": (b, [0, 4])})
+    whole = perrank.assemble(workdir, comp, verify=False)["w"]
+    assert torch.equal(whole, torch.cat([a, b], dim=1))
+    assert torch.equal(perrank.read_box(perrank.blocks(workdir, comp)["w"], (1, 3), (2, 2)), whole[1:3, 3:5])
+    _block_file(workdir / "r1.safetensors", {"w": (b, [0, 5])})  # column 4 missing
+    with pytest.raises(CorruptCheckpoint, match="do not cover"):
+        perrank.blocks(workdir, comp)
+    # As many elements as the whole, but two blocks overlap (and leave a gap).
+    _block_file(workdir / "r0.safetensors", {"v": (torch.ones(2), [0])})
+    _block_file(workdir / "r1.safetensors", {"v": (torch.ones(2), [1])})
+    _block_file(workdir / "r2.safetensors", {"v": (torch.ones(1), [4])})
+    three = comp.model_copy(
+        update={"shards": [*comp.shards, comp.shards[0].model_copy(update={"file": "r2.safetensors"})]}
+    )
+    with pytest.raises(CorruptCheckpoint, match="overlap"):
+        perrank.blocks(workdir, three)
+
+
+def test_daemon_refuses_a_malformed_per_rank_layout() -> None:
+    from ckptd.daemon.layouts import prepare
+    from ckptd.daemon.rows import ComponentRows, ShardRows
+    from ckptd.daemon.validate import InvalidRequest
+
+    def comp(*shards: ShardRows) -> ComponentRows:
+        return ComponentRows("m", list(shards), {})
+
+    ok = ShardRows(0, 16, [("w", "F32", (2, 2), 0, 16)], 0, [(0, 0)])
+    layout = prepare([comp(ok, ok._replace(offset=4096, rank=1, offsets=[(0, 2)]))])
+    assert layout.components[0].files.shard(1) == "m/rank-00001.safetensors"
+    assert layout.components[0].files.index is None
+    assert b'"DCP_SHARDING_INFO":"{\\"w\\":{\\"saved_offsets\\":[0,2]}}"' in layout.headers[0][1]
+    with pytest.raises(InvalidRequest, match="each once"):
+        prepare([comp(ok, ok._replace(offset=4096))])  # rank 0 twice
+    with pytest.raises(InvalidRequest, match="has offset"):
+        prepare([comp(ok._replace(offsets=[(0,)]))])  # one index for two dimensions
+    with pytest.raises(InvalidRequest, match="names a rank"):
+        prepare([comp(ok._replace(rank=None, offsets=None), ok._replace(offset=4096))])
