@@ -79,6 +79,14 @@ def check_snapshot(req: Snapshot, components: Sequence[PreparedComponent], arena
         )
     if req.pieces is not None:
         _check_pieces(req.pieces, [s.nbytes for c in components for s in c.shards], arena_size)
+        writers = [
+            c.files.ranks[i] if c.files.ranks else None for c in components for i in range(len(c.shards))
+        ]
+        for g, *_ in req.pieces:  # a per-rank file is its own rank's alone
+            if writers[g] is not None and writers[g] != req.rank:
+                raise InvalidRequest(
+                    f"rank {req.rank} sent a piece of rank {writers[g]}'s per-rank file (shard {g})"
+                )
         return
     for c in components:
         for i, shard in enumerate(c.shards):
