@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from ckptd import __version__, cli_daemon, cli_steps, paths, sockdir
+from ckptd import __version__, cli_daemon, cli_steps, nodes, paths, sockdir
 from ckptd.sizes import parse_size
 from ckptd.storage import Storage
 
@@ -53,6 +53,12 @@ def main(argv: list[str] | None = None, storage: Storage | None = None) -> int:
     )
     serve.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     serve.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port")
+    serve.add_argument(
+        "--node-id",
+        default=None,
+        help="this node's name among the nodes sharing the root, one daemon each (default: "
+        "$CKPTD_NODE_ID, else the host name)",
+    )
     serve.add_argument("--log-file", type=Path, default=None, help="log here instead of stderr")
     serve.add_argument("--detach", action="store_true", help="fork into the background once listening")
 
@@ -171,6 +177,7 @@ def _serve(args: argparse.Namespace, storage: Storage | None) -> int:
             stage_timeout_s=args.stage_timeout,
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
+            node_id=nodes.check_node_id(args.node_id or nodes.default_node_id()),
         )
     except ValueError as e:
         print(f"ckptd serve: {e}", file=sys.stderr)

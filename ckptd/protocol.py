@@ -227,6 +227,7 @@ class Welcome(Message):
     root: str
     max_shard_size: int
     max_arenas: int  # arenas one connection may register
+    node: str = ""  # the daemon's node id among those sharing its root (ckptd/nodes.py)
 
 
 class Accepted(Message):

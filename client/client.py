@@ -13,6 +13,7 @@ import functools
 import itertools
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,9 +34,11 @@ from ckptd.protocol import (
     Staged,
     StatusReply,
     StatusRequest,
+    Welcome,
     encode,
 )
 from ckptd.sizes import parse_size
+from client import noderoots, topology
 from client import ranks as ranks_mod
 from client import restore as restore_mod
 from client.arena import Arena
@@ -109,6 +112,11 @@ class Client:
         self._reconnect_failed: tuple[float, CheckpointError] | None = None  # when, and why
         self._cuda = CudaStager()
         self._ranks: ranks_mod.Ranks | None = None  # under torchrun: this rank's place in its job
+        self._topology: topology.Topology | None = None  # and the daemons (nodes) of that job
+        # The ranks whose parts make one step directory: the job's, or on node-local roots this
+        # node's (client/noderoots.py); None: this process writes its steps alone.
+        self._writers: ranks_mod.Ranks | None = None
+        self._local: noderoots.NodeLocal | None = None  # node-local roots: the job's nodes
         self._owned: tuple[Plan, dict[str, object], list[tuple[int, int]]] | None = None
         self._closed = False
         self._progress = Progress(options.stuck_timeout_s)
@@ -162,7 +170,7 @@ class Client:
         if not opts.commit_timeout_s > 0:
             raise ValueError(f"commit_timeout_s must be > 0 (seconds), got {opts.commit_timeout_s}")
         client._reconnect()
-        client._ranks = ranks_mod.join(process_group, opts.group_timeout_s)
+        client._ranks = client._writers = ranks_mod.join(process_group, opts.group_timeout_s)
         if client._ranks is not None and opts.commit_timeout_s >= opts.stuck_timeout_s:
             client.close(wait=False)
             raise ValueError(
@@ -171,7 +179,15 @@ class Client:
                 "its peers would be taken for stuck storage"
             )
         if client._ranks is not None and client._channel is not None:
-            ranks_mod.check_one_daemon(client._ranks, client._channel.welcome.instance, str(client.root))
+            try:
+                client._topology = _topology(client._ranks, client._channel.welcome, str(client.root))
+                if not client._topology.shared_root:  # node-local roots: each node its own copy
+                    client._writers = noderoots.part_group(client._ranks, client._topology)
+                    node = client._channel.welcome.node
+                    client._local = noderoots.nodes_of(client._ranks, client._topology, node)
+            except CheckpointError:
+                client.close(wait=False)
+                raise
         client._watchdog = Watchdog(opts.liveness_timeout_s, lambda: client._channel, client._waiting_on)
         return client
 
@@ -377,8 +393,10 @@ class Client:
         with paused_gc():
             key = signature(flat, max_shard)
             if key != self._plan_key or self._plan is None:
+                if flat.sharded and self._local is not None:
+                    raise CheckpointError(_SHARDED_NODE_LOCAL, code="multi_node")
                 try:
-                    ranks = self._ranks
+                    ranks = self._writers
                     plan = make_plan(
                         flat, max_shard, None if ranks is None else (ranks.rank, ranks.world_size)
                     )
@@ -497,7 +515,7 @@ class Client:
     def _part(self, plan: Plan) -> tuple[dict[str, object], list[tuple[int, int]]] | None:
         """Under torchrun: this rank's part of a snapshot of ``plan`` (the request's multi-rank
         fields, and the placements it copies, as ranges); None for one process."""
-        ranks = self._ranks
+        ranks = self._writers
         if ranks is None:
             return None
         if (self._owned is None or self._owned[0] is not plan) and plan.pieces is not None:
@@ -771,6 +789,15 @@ class Client:
         explicit ``step`` that does not verify always raises.
         """
         run_dir = self.root / paths.check_name("run", self.run if run is None else run)
+        if self._ranks is not None and self._local is not None:  # a step every node holds
+            return noderoots.agree_restore(
+                self._ranks,
+                self._local,
+                run_dir,
+                lambda s: restore_mod.restore_run(obj, run_dir, step=s, fallback=False, verify=False),
+                step=step,
+                fallback=fallback,
+            )
         if self._ranks is not None:  # rank 0 picks the step, every rank loads it
             return ranks_mod.agree_restore(
                 self._ranks,
@@ -888,3 +915,29 @@ def _mine(
     if part is None:
         return pairs
     return [pairs[i] for start, stop in part[1] for i in range(start, stop)]
+
+
+def _topology(ranks: ranks_mod.Ranks, welcome: Welcome, root: str) -> topology.Topology:
+    """The daemons of this job (a collective), refused where this version cannot commit it."""
+    topo = topology.discover(ranks, socket.gethostname(), welcome.instance, root)
+    if topo.single:
+        return topo
+    if topo.shared_root:
+        raise CheckpointError(
+            f"the ranks of this job reach {topo.daemons} ckptd daemons sharing the root {root}; "
+            "this ckptd version commits a multi-rank step in one daemon: run every rank on one "
+            "node with one daemon (CKPTD_SOCKET), or pass process_group=False to checkpoint each "
+            "rank on its own",
+            code="multi_node",
+        )
+    return topo  # node-local roots: each node commits its own copy (client/noderoots.py)
+
+
+_SHARDED_NODE_LOCAL = (
+    "this snapshot holds sharded DTensors (FSDP2 slices), and the nodes of this job have "
+    "checkpoint roots of their own (node-local): each node's daemon would hold only its own "
+    "ranks' slices, never a complete checkpoint. Give every node one shared root (a shared "
+    "filesystem, one daemon per node: ckptd serve --node-id), or snapshot full tensors (e.g. "
+    "torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options="
+    "StateDictOptions(full_state_dict=True))), which every node then writes whole"
+)

@@ -14,10 +14,8 @@ Nothing travels pickled: the uid, the daemon check and the restored step are ten
 
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -78,24 +76,6 @@ def broadcast_text(text: str | None, group: Any) -> str:
     if int(size.item()):
         dist.broadcast(buf, src, group=group)
     return bytes(buf.tolist()).decode()
-
-
-def check_one_daemon(ranks: Ranks, instance: str, root: str) -> None:
-    """Refuse a job whose ranks talk to different daemons or roots: this version commits a step
-    of several ranks in one daemon (one node)."""
-    import torch.distributed as dist
-
-    key = f"{socket.gethostname()}\0{instance}\0{root}".encode()
-    mine = torch.tensor([int.from_bytes(hashlib.blake2b(key, digest_size=7).digest(), "big")])
-    seen = [torch.zeros_like(mine) for _ in range(ranks.world_size)]
-    dist.all_gather(seen, mine, group=ranks.group)
-    if len({int(t.item()) for t in seen}) > 1:
-        raise CheckpointError(
-            "the ranks of this job are connected to different ckptd daemons (or roots); this ckptd "
-            "version commits a multi-rank step in one daemon: run every rank on one node with one "
-            "daemon (CKPTD_SOCKET), or pass process_group=False to checkpoint each rank on its own",
-            code="multi_node",
-        )
 
 
 def agree_restore(

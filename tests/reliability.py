@@ -50,6 +50,7 @@ FILES = [
     "tests/test_hostile_i12.py",
     "tests/test_hf_review.py",
     "tests/test_multirank_fsdp.py",
+    "tests/test_multinode_local.py",
     "tests/test_multirank_noncontig.py",
 ]
 
@@ -555,6 +556,16 @@ SCENARIOS = [
         "both ranks' handles fail with the same `io_error` naming the rank, EIO and the file; "
         "nothing visible, temp directory removed.",
         r"test_multirank_fsdp\.py::test_failed_slice_write",
+    ),
+    Scenario(
+        "Several nodes, node-local roots: a copy per node, restore on a step every node has",
+        "Two `torchrun --nnodes 2` launchers, 2 DDP ranks each, a daemon and root per node: every "
+        "node's step is a complete checkpoint `from_pretrained` loads bit-exact, its manifest naming "
+        "which of the node's ranks wrote each shard; node 1's trainers SIGKILLed before snapshot() "
+        "of step 3: restore on every rank takes step 2 (bit-exact); `step=3` fails on every rank "
+        "naming node n1; a flipped byte in node 1's step 2 falls back to step 1 with a warning; "
+        "FSDP2 there is refused at snapshot() with the reason, nothing written.",
+        r"test_multinode_local\.py::",
     ),
     Scenario(
         "Non-contiguous DTensors: per-rank files beside consolidated ones",

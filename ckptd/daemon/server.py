@@ -24,10 +24,10 @@ import struct
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptd import commit, sockdir
+from ckptd import commit, nodes, sockdir
 from ckptd.daemon import connection, heartbeat
 from ckptd.daemon.connection import MAX_ARENAS, Connection
 from ckptd.daemon.health import Health
@@ -61,6 +61,8 @@ class DaemonOptions:
     stage_timeout_s: float = STAGE_TIMEOUT_S
     metrics_port: int | None = None  # serve Prometheus metrics on this TCP port
     metrics_host: str = "127.0.0.1"
+    #: This daemon's node among those sharing ``root`` (one daemon per node id and root).
+    node_id: str = field(default_factory=nodes.default_node_id)
 
 
 class DaemonError(RuntimeError):
@@ -145,17 +147,13 @@ class Daemon:
             opts.socket_path.with_name(name + ".lock"),
             f"one is already running (or starting) on {opts.socket_path}",
         )
-        # Two daemons on one root would sweep each other's temp directories: one root, one daemon.
-        # The lock goes if the root is deleted: the root guard then stops this daemon.
+        # One daemon per node and root: several nodes may share a root (a shared filesystem),
+        # each with its own daemon. The lock goes if the root is deleted: the root guard then
+        # stops this daemon.
         self._root = RootGuard(opts.root)
         self.pipeline.root = self._root
         self.pipeline.on_root_gone = self.on_root_gone
-        self._root_lock_fd = _take_lock(
-            ".ckptd.lock",
-            self._root.fd,
-            opts.root / ".ckptd.lock",
-            f"another daemon serves the root {opts.root}",
-        )
+        self._root_lock_fd = _take_node_lock(self._root.fd, opts.root, opts.node_id, self.instance)
         here = _in_dir(self._sock_dir_fd, name, opts.socket_path)
         if _answers(here):
             raise DaemonError(
@@ -319,6 +317,7 @@ class Daemon:
             max_arenas=MAX_ARENAS,
             root=str(self.options.root),
             max_shard_size=self.options.max_shard_size,
+            node=self.options.node_id,
         )
 
     def status(self) -> StatusReply:
@@ -390,6 +389,32 @@ def _take_lock(name: str, dir_fd: int, shown: Path, held_means: str) -> int:
         raise DaemonError(
             f"another ckptd daemon holds {shown}: {held_means}; use it, or stop it first"
         ) from None
+    return fd
+
+
+def _take_node_lock(root_fd: int, root: Path, node_id: str, instance: str) -> int:
+    """Lock this node's file in the root's ``.ckptd-nodes/`` and write who holds it (clients
+    of the nodes of one job read these files to tell a shared root from node-local ones)."""
+    try:
+        name = nodes.lock_name(node_id)
+    except ValueError as e:
+        raise DaemonError(str(e)) from e
+    try:
+        nodes_fd = nodes.open_nodes_dir(root_fd, root)
+    except sockdir.UnsafeSocketDir as e:
+        raise DaemonError(str(e)) from e
+    try:
+        shown = root / nodes.NODES_DIR / name
+        fd = _take_lock(
+            name,
+            nodes_fd,
+            shown,
+            f"another daemon serves the root {root} for node {node_id!r} (start a second one on "
+            "this root with its own --node-id)",
+        )
+    finally:
+        os.close(nodes_fd)
+    nodes.write_holder(fd, node_id, instance)
     return fd
 
 
