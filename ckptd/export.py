@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ckptd import checksum
 from ckptd.dtypes import numel
+from ckptd.layout import TensorSpec, split_shards
 from ckptd.manifest import (
     MANIFEST_NAME,
     ComponentRecord,
@@ -30,7 +31,7 @@ from ckptd.manifest import (
 )
 from ckptd.reading import MAX_FILE_BYTES, candidates, run_dir_of
 from ckptd.safeio import open_regular, read_small
-from ckptd.shardfile import ShardFormatError, decode_header, header_span
+from ckptd.shardfile import HeaderEntry, ShardFormatError, decode_header, encode_header, header_span
 
 MODEL = "model"
 log = logging.getLogger(__name__)
@@ -99,6 +100,9 @@ def _export_step(step_dir: Path, out: Path) -> None:
 
 
 def _write(step_dir: Path, manifest: Manifest, model: ComponentRecord, tmp: Path) -> None:
+    if model.sharding == "per-rank":
+        _write_consolidated(step_dir, manifest, model, tmp)
+        return
     n = len(model.shards)
     names = (
         ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
@@ -113,6 +117,54 @@ def _write(step_dir: Path, manifest: Manifest, model: ComponentRecord, tmp: Path
     if n > 1:
         if model.index is not None:  # the daemon's count: parameters, not buffers (as transformers)
             total_parameters = _indexed_parameters(step_dir / model.index, total_parameters)
+        index = {
+            "metadata": {"total_parameters": total_parameters, "total_size": total_size},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    for f in _model_files(manifest):
+        (tmp / f.file).write_bytes(_read_small_file(step_dir / f.file, f))
+    for p in tmp.iterdir():
+        _fsync(p)
+
+
+#: The shard size of a consolidated export of per-rank files (``save_pretrained``'s default).
+EXPORT_SHARD_BYTES = 5 * 10**9
+
+
+def _write_consolidated(step_dir: Path, manifest: Manifest, model: ComponentRecord, tmp: Path) -> None:
+    """A per-rank ``model`` component (non-contiguous DTensors) put together: each tensor read
+    whole from its blocks (the files checked against their checksums first) and written into
+    ``save_pretrained``'s shards, one shard's tensors in memory at a time."""
+    import torch
+
+    from ckptd import perrank
+    from ckptd.reading import _check_file
+
+    problems = [p for r in model.shards for p in _check_file(step_dir, r, shard_file=True)]
+    if problems:
+        raise CorruptCheckpoint("; ".join(problems))
+    found = perrank.blocks(step_dir, model)
+    specs = [TensorSpec(name, b[0].entry.dtype, perrank.shape_of(b)) for name, b in sorted(found.items())]
+    groups = split_shards(specs, EXPORT_SHARD_BYTES)
+    n = len(groups)
+    weight_map: dict[str, str] = {}
+    total_size = total_parameters = 0
+    for i, group in enumerate(groups):
+        name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        tensors = {s.name: perrank.read_box(found[s.name], (0,) * len(s.shape), s.shape) for s in group}
+        entries, pos = [], 0
+        for s in group:
+            entries.append(HeaderEntry(s.name, s.dtype, s.shape, pos, pos + s.nbytes))
+            pos += s.nbytes
+        with open(tmp / name, "xb") as out:
+            out.write(encode_header(entries))
+            for s in group:
+                out.write(tensors[s.name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        weight_map.update((s.name, name) for s in group)
+        total_size += pos
+        total_parameters += sum(numel(s.shape) for s in group)
+    if n > 1:
         index = {
             "metadata": {"total_parameters": total_parameters, "total_size": total_size},
             "weight_map": dict(sorted(weight_map.items())),

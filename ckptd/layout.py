@@ -16,7 +16,7 @@ component lives in a subdirectory of its own name.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ckptd.dtypes import itemsize, numel
@@ -62,10 +62,14 @@ class ShardLayout:
 
 @dataclass(frozen=True, slots=True)
 class ComponentLayout:
-    """The shards of one component (``model``, ``optimizer``, ...), in file order."""
+    """The shards of one component (``model``, ``optimizer``, ...), in file order. A per-rank
+    component (non-contiguous DTensors) has one shard per rank that writes: ``ranks[i]`` writes
+    shard ``i`` and ``offsets[i]`` holds the global offset of each of its tensors (in its order)."""
 
     name: str
     shards: tuple[ShardLayout, ...]
+    ranks: tuple[int, ...] = ()
+    offsets: tuple[tuple[tuple[int, ...], ...], ...] = ()
 
     @property
     def total_size(self) -> int:
@@ -95,10 +99,13 @@ class ComponentFiles:
     dir: str
     stem: str
     count: int
+    ranks: tuple[int, ...] = ()  # of a per-rank component: the rank of each shard (``rank_files``)
 
     def name(self, index: int) -> str:
         """Shard ``index`` (0-based): ``<stem>.safetensors`` alone, else the Hugging Face
-        ``<stem>-00001-of-00003.safetensors``."""
+        ``<stem>-00001-of-00003.safetensors``; of a per-rank component ``rank-0000r.safetensors``."""
+        if self.ranks:
+            return f"{RANK_FILE_STEM}-{self.ranks[index]:05d}.safetensors"
         if self.count == 1:
             return f"{self.stem}.safetensors"
         return f"{self.stem}-{index + 1:05d}-of-{self.count:05d}.safetensors"
@@ -109,7 +116,9 @@ class ComponentFiles:
     @property
     def index(self) -> str | None:
         """``<stem>.safetensors.index.json``, only for a component of several shards (as
-        ``save_pretrained`` writes one)."""
+        ``save_pretrained`` writes one); a per-rank component has none (its headers say it all)."""
+        if self.ranks:
+            return None
         return self.path(f"{self.stem}.safetensors.index.json") if self.count > 1 else None
 
     def path(self, name: str) -> str:
@@ -128,6 +137,19 @@ def component_files(component: str, count: int, *, pretrained: bool = False) -> 
     its own name (``optimizer/optimizer.safetensors``)."""
     stem = PRETRAINED_STEM if component == MODEL or pretrained else component
     return ComponentFiles(component_dir(component), stem, count)
+
+
+#: A per-rank file's stem: ``<dir>/rank-00003.safetensors``, a name no Hugging Face loader reads.
+RANK_FILE_STEM = "rank"
+
+
+def rank_files(component: str, ranks: Sequence[int]) -> ComponentFiles:
+    """The per-rank files of a component of non-contiguous DTensors (one per rank that writes,
+    each a safetensors file whose header carries ``DCP_SHARDING_INFO``). They live in a directory
+    of their own, holding nothing else, so that torch's ``HuggingFaceStorageReader`` (which reads
+    every ``*.safetensors`` there) reads exactly them and no ``from_pretrained`` takes them for a
+    model: the component's directory, ``model/`` for the ``model`` component."""
+    return ComponentFiles(component_dir(component) or MODEL, RANK_FILE_STEM, len(ranks), tuple(ranks))
 
 
 def small_file(component: str, name: str) -> str:
@@ -173,13 +195,26 @@ def _place_shard(specs: Sequence[TensorSpec], offset: int) -> ShardLayout:
     return ShardLayout(offset=offset, nbytes=pos, tensors=tuple(placements))
 
 
-def plan(components: Sequence[tuple[str, Sequence[TensorSpec]]], max_shard_size: int) -> Layout:
-    """Place every component's tensors in one arena slot. Pure; callers cache it by signature."""
+#: Of a per-rank component: per writing rank, its tensors (local shapes) with their global offsets.
+RankedSpecs = Sequence[tuple[int, Sequence[tuple[TensorSpec, tuple[int, ...]]]]]
+
+
+def plan(
+    components: Sequence[tuple[str, Sequence[TensorSpec]]],
+    max_shard_size: int,
+    ranked: Mapping[str, RankedSpecs] | None = None,
+) -> Layout:
+    """Place every component's tensors in one arena slot; a component in ``ranked`` gets one
+    shard per writing rank instead. Pure; callers cache it by signature."""
     if max_shard_size <= 0:
         raise ValueError(f"max_shard_size must be positive, got {max_shard_size}")
     offset = 0
     placed = []
     for name, specs in components:
+        if ranked is not None and name in ranked:
+            comp, offset = _place_ranked(name, ranked[name], offset)
+            placed.append(comp)
+            continue
         if not specs:  # the daemon refuses a shard without tensors (and a component without shards)
             raise ValueError(f"component {name!r} has no tensors; leave it out of the snapshot")
         shards = []
@@ -189,3 +224,17 @@ def plan(components: Sequence[tuple[str, Sequence[TensorSpec]]], max_shard_size:
             offset += round_up(shard.nbytes)
         placed.append(ComponentLayout(name=name, shards=tuple(shards)))
     return Layout(components=tuple(placed), slot_bytes=max(offset, ALIGN))
+
+
+def _place_ranked(name: str, groups: RankedSpecs, offset: int) -> tuple[ComponentLayout, int]:
+    shards, ranks, offsets = [], [], []
+    for rank, group in groups:
+        shard = _place_shard([spec for spec, _ in group], offset)
+        at = {spec.name: off for spec, off in group}
+        shards.append(shard)
+        ranks.append(rank)
+        offsets.append(tuple(at[p.spec.name] for p in shard.tensors))
+        offset += round_up(shard.nbytes)
+    if not shards:
+        raise ValueError(f"component {name!r} has no tensors; leave it out of the snapshot")
+    return ComponentLayout(name, tuple(shards), tuple(ranks), tuple(offsets)), offset

@@ -21,8 +21,14 @@ MANIFEST_NAME = "ckptd.json"
 #: writes it, every other component in a subdirectory of its name (``ckptd.layout``), a
 #: single-shard component without an index. ``ckptd/1`` (read, never written): every component's
 #: shards and index at the top, always ``<name>-0000k-of-0000n.safetensors`` and an index.
-Format = Literal["ckptd/1", "ckptd/2"]
+#: ``ckptd/3``: as ``ckptd/2``, with per-rank components (``ComponentRecord.sharding``); written
+#: only for a step that has one, so that an older ckptd refuses it rather than misread it.
+Format = Literal["ckptd/1", "ckptd/2", "ckptd/3"]
 FORMAT: Format = "ckptd/2"
+PER_RANK_FORMAT: Format = "ckptd/3"
+#: How a component's tensors are stored: whole, in consolidated (Hugging Face) files; or as
+#: per-rank blocks (non-contiguous DTensors), each file's header carrying ``DCP_SHARDING_INFO``.
+Sharding = Literal["consolidated", "per-rank"]
 #: A manifest larger than this is refused unread. Its tree and small files come from one request
 #: frame (64 MiB); the rest is one short record per shard and file.
 MAX_MANIFEST_BYTES = 1 << 30
@@ -75,6 +81,7 @@ class ComponentRecord(_Model):
     tensors: int
     total_size: int
     aliases: dict[str, str] = {}
+    sharding: Sharding = "consolidated"
 
 
 class PartRecord(_Model):

@@ -40,6 +40,10 @@ same ``Failed``, naming the rank that failed or the ranks missing) to every rank
 (``ckptd/daemon/parts.py``). A rank of a sharded job (FSDP2) sends ``pieces`` instead of
 ``owned``: the byte ranges of the step's consolidated files its slot holds (an older daemon refuses
 the field).
+
+Protocol 6: a component of non-contiguous DTensors (``Shard(1)``, 2-D meshes) is laid out as one
+shard per writing rank (``ShardEntry.rank``), each tensor a block with its global ``offset``; the
+daemon writes them as per-rank files whose headers carry ``DCP_SHARDING_INFO``.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 #: Largest frame either side accepts; a 20,000-tensor snapshot request is a few MB.
 MAX_FRAME_BYTES = 64 * 2**20
 #: A layout whose components serialize to more than this is sent in parts of at most
@@ -101,12 +105,17 @@ class TensorEntry(Message):
     shape: list[int]
     start: int  # relative to the shard's data section
     end: int
+    # Of a per-rank file (protocol 6): this block's offset in the full tensor (DCP's saved_offsets).
+    offset: list[int] | None = None
 
 
 class ShardEntry(Message):
     offset: int  # of the data section in the arena
     nbytes: int
     tensors: list[TensorEntry]
+    # Protocol 6: the rank whose per-rank file this shard is (non-contiguous DTensors); every
+    # shard of such a component has one, and each of its tensors an ``offset``.
+    rank: int | None = None
 
 
 class ComponentEntry(Message):

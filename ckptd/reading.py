@@ -227,7 +227,11 @@ def load_manifest(step_dir: Path, manifest: Manifest, *, verify_checksums: bool 
     tensors: dict[str, dict[str, Any]] = {}
     for c in manifest.components:
         loaded: dict[str, Any] = {}
-        for shard in c.shards:
+        if c.sharding == "per-rank":  # blocks of non-contiguous DTensors: put together whole
+            from ckptd import perrank
+
+            loaded.update(perrank.assemble(step_dir, c, verify=verify_checksums))
+        for shard in c.shards if c.sharding == "consolidated" else ():
             loaded.update(read_shard(step_dir / shard.file, shard if verify_checksums else None))
         for alias, target in c.aliases.items():
             if target not in loaded:

@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 from array import array
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 
@@ -19,6 +20,7 @@ from ckptd import layout as layout_mod
 from ckptd import ranks as ranks_mod
 from ckptd.protocol import encode_layout
 from ckptd.torch_dtypes import FROM_SAFETENSORS, safetensors_dtype
+from client import blocks as blocks_mod
 from client.arena import Arena
 from client.tree import Flat
 
@@ -67,6 +69,7 @@ def signature(flat: Flat, max_shard_size: int) -> tuple[object, ...]:
                 [(n, t.dtype, t.shape) for n, t in c.tensors],
                 tuple(c.aliases.items()),
                 tuple(c.shards.items()),
+                tuple(c.blocks.items()),
             )
             for c in flat.components
         ),
@@ -88,7 +91,12 @@ def make_plan(flat: Flat, max_shard_size: int, part: tuple[int, int] | None = No
         )
         for c in flat.components
     ]
-    lay = layout_mod.plan(specs, max_shard_size)
+    ranked = None
+    if any(c.blocks for c in flat.components):  # non-contiguous DTensors: stored per rank
+        ranked = {
+            c.name: blocks_mod.ranked_specs(c, part[1] if part else 1) for c in flat.components if c.blocks
+        }
+    lay = layout_mod.plan(specs, max_shard_size, ranked)
     positions = [{n: i for i, (n, _) in enumerate(c.tensors)} for c in flat.components]
     comps = array("q", (ci for ci, comp in enumerate(lay.components) for s in comp.shards for _ in s.tensors))
     indices = array(
@@ -128,6 +136,12 @@ def make_plan(flat: Flat, max_shard_size: int, part: tuple[int, int] | None = No
         }
         for ci, comp in enumerate(lay.components)
     ]
+    for entry, comp in zip(entries, lay.components, strict=True):
+        wire = cast("list[dict[str, Any]]", entry["shards"])
+        for shard, rank, offsets in zip(wire, comp.ranks, comp.offsets, strict=False):
+            shard["rank"] = rank  # a per-rank file: its rank and each block's global offset
+            for t, offset in zip(shard["tensors"], offsets, strict=True):
+                t["offset"] = list(offset)
     placements = [(s.offset, p) for comp in lay.components for s in comp.shards for p in s.tensors]
     layout_id = next(_layout_ids)
     if flat.sharded:
@@ -171,12 +185,15 @@ def _sharded_plan(  # noqa: PLR0917 - the parts of a plan, made once per signatu
     whole: list[int] = []  # placements every rank holds whole
     placed: list[tuple[int, layout_mod.TensorPlacement, tuple[tuple[int, ...], tuple[int, ...]] | None]] = []
     g = -1
+    ranked: dict[int, bool] = {}  # placements of per-rank files: whether this rank's
     for ci, comp in enumerate(lay.components):
-        for shard in comp.shards:
+        for si, shard in enumerate(comp.shards):
             g += 1
             for p in shard.tensors:
                 sharded = flat.components[ci].shards.get(p.spec.name)
-                if sharded is None:
+                if comp.ranks:
+                    ranked[len(placed)] = comp.ranks[si] == rank
+                elif sharded is None:
                     whole.append(len(placed))
                 placed.append((g, p, sharded))
     owners = ranks_mod.assign_shards([placed[i][1].end - placed[i][1].start for i in whole], world)
@@ -192,6 +209,13 @@ def _sharded_plan(  # noqa: PLR0917 - the parts of a plan, made once per signatu
             row = (p.end - p.start) // shape[0] if shape and shape[0] else 0
             start += offset[0] * row if offset else 0
             take = nbytes > 0
+        elif i in ranked:
+            take = ranked[i] and nbytes > 0
+            if ranked[i] and tuple(t.shape) != p.spec.shape:
+                raise ValueError(
+                    f"tensor {p.spec.name}: this rank's block has shape {tuple(t.shape)}, its plan "
+                    f"{p.spec.shape}; every rank must snapshot the same model"
+                )
         else:
             take = i in mine_whole and nbytes > 0
         # A placement another rank writes is an empty view here (the device copy makes them all).

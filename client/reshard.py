@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ckptd import checksum, reading, tree
+from ckptd import checksum, perrank, reading, tree
 from ckptd.manifest import Manifest
 from ckptd.shardfile import HeaderEntry, ShardFormatError, decode_header
 from ckptd.torch_dtypes import FROM_SAFETENSORS
@@ -61,8 +61,14 @@ def load_slices(step_dir: Path, manifest: Manifest, obj: object, *, verify: bool
         raise reading.CorruptCheckpoint("; ".join(problems))
     direct, params = templates(obj)
     where: dict[_Key, tuple[Path, int, HeaderEntry]] = {}
+    ranked: dict[_Key, list[perrank.Block]] = {}  # of per-rank components: each tensor's blocks
     for c in manifest.components:
-        for shard in c.shards:
+        if c.sharding == "per-rank":
+            ranked.update(((c.name, n), b) for n, b in perrank.blocks(step_dir, c).items())
+            ranked.update(
+                ((c.name, a), ranked[(c.name, t)]) for a, t in c.aliases.items() if (c.name, t) in ranked
+            )
+        for shard in c.shards if c.sharding == "consolidated" else ():
             path = step_dir / shard.file
             data_start, entries = _header(path)
             where.update(((c.name, e.name), (path, data_start, e)) for e in entries)
@@ -70,17 +76,24 @@ def load_slices(step_dir: Path, manifest: Manifest, obj: object, *, verify: bool
             if (c.name, target) in where:
                 where[(c.name, alias)] = where[(c.name, target)]
 
-    def lookup(component: str, name: str) -> Any:
-        found = where.get((component, name))
-        if found is None:
-            raise reading.CorruptCheckpoint(f"{step_dir}: tensor {component}/{name} missing from the shards")
+    def target_of(component: str, name: str, shape: tuple[int, ...]) -> Any:
         target = direct.get((component, name))
         if target is None and name.startswith("state."):
             fqn = name[len("state.") :].rpartition(".")[0]
             target = params.get((component, fqn))
-        if target is not None and tuple(target.shape) != found[2].shape:
+        if target is not None and tuple(target.shape) != shape:
             target = None  # not laid out like it (a scalar ``step``): read whole, checked later
-        return _read(found, target)
+        return target
+
+    def lookup(component: str, name: str) -> Any:
+        blocks = ranked.get((component, name))
+        if blocks is not None:
+            shape = perrank.shape_of(blocks)
+            return _read_blocks(blocks, shape, target_of(component, name, shape))
+        found = where.get((component, name))
+        if found is None:
+            raise reading.CorruptCheckpoint(f"{step_dir}: tensor {component}/{name} missing from the shards")
+        return _read(found, target_of(component, name, found[2].shape))
 
     try:
         out = tree.decode(manifest.tree, lookup)
@@ -88,6 +101,33 @@ def load_slices(step_dir: Path, manifest: Manifest, obj: object, *, verify: bool
         raise reading.CorruptCheckpoint(f"{step_dir}: {e}") from e
     if not isinstance(out, dict):
         raise reading.CorruptCheckpoint(f"{step_dir}: manifest tree is not a dict")
+    return out
+
+
+def _read_blocks(blocks: list[perrank.Block], shape: tuple[int, ...], target: Any) -> torch.Tensor:
+    """A tensor of a per-rank component, whole, or the box of it the DTensor ``target`` holds
+    (only the rows of the blocks that box overlaps are read)."""
+    if target is None:
+        return perrank.read_box(blocks, (0,) * len(shape), shape)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local, offset = compute_local_shape_and_global_offset(
+        torch.Size(shape), target.device_mesh, target.placements
+    )
+    return _dtensor(perrank.read_box(blocks, tuple(offset), tuple(local)), target, shape)
+
+
+def _dtensor(local: torch.Tensor, target: Any, shape: tuple[int, ...]) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    out: torch.Tensor = DTensor.from_local(
+        local.contiguous(),
+        target.device_mesh,
+        target.placements,
+        run_check=False,
+        shape=torch.Size(shape),
+        stride=torch.empty(shape, device="meta").stride(),
+    )
     return out
 
 

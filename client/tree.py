@@ -28,6 +28,7 @@ from torch import nn
 from ckptd.layout import small_file
 from ckptd.paths import InvalidName, check_name
 from ckptd.torch_dtypes import TO_SAFETENSORS, safetensors_dtype
+from client.blocks import Blocks, blocks_of, is_contiguous, is_replicated, local_block
 from client.offload import is_offloaded, onloaded_state_dict
 
 _PLAIN = (bool, int, float, str, type(None))
@@ -64,6 +65,10 @@ class Component:
     parameters: int | None = None
     #: Of each ``Shard(0)`` DTensor (stored as its local tensor): (global shape, global offset).
     shards: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    #: Of each non-contiguous DTensor (``client.blocks``): every rank's block. A component with
+    #: one is stored per rank, its ``Shard(0)`` DTensors too (``finish``); their DTensors:
+    blocks: dict[str, Blocks] = field(default_factory=dict)
+    _dtensors: dict[str, Any] = field(default_factory=dict)
 
     def add(self, name: str, t: torch.Tensor) -> None:
         # Runs once per tensor per snapshot: only cheap attribute reads on the common path.
@@ -113,10 +118,14 @@ class Component:
 
     def _local(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """The local tensor of a DTensor: a ``Shard(0)`` one noted in ``shards``; a replicated one
-        stored like a plain tensor (every rank holds it whole); any other placement refused."""
+        stored like a plain tensor (every rank holds it whole); any other: its blocks noted."""
+        if not is_contiguous(t) and not is_replicated(t):
+            local, self.blocks[name] = local_block(f"{self.name}/{name}", t)
+            return local
         local, shape, offset = shard_of(f"{self.name}/{name}", t)
         if shape is not None:
             self.shards[name] = (shape, offset)
+            self._dtensors[name] = t
         return local
 
     def _check(self, name: str, t: torch.Tensor) -> None:
@@ -203,11 +212,17 @@ class Component:
 
     def finish(self) -> None:
         """Keep the name Hugging Face keeps for tied weights (not the one it declares tied)."""
+        if self.blocks and self.shards:  # stored per rank: its Shard(0) DTensors as blocks too
+            self.blocks.update((n, blocks_of(f"{self.name}/{n}", self._dtensors[n])) for n in self.shards)
+            self.shards.clear()
+        self._dtensors.clear()
         for alias, stored in list(self.aliases.items()):
             if stored in self.prefer_dropped and alias not in self.prefer_dropped:
                 self.tensors = [(alias if n == stored else n, t) for n, t in self.tensors]
                 if stored in self.shards:
                     self.shards[alias] = self.shards.pop(stored)
+                if stored in self.blocks:
+                    self.blocks[alias] = self.blocks.pop(stored)
                 for a, s in self.aliases.items():
                     if s == stored:
                         self.aliases[a] = alias
@@ -262,8 +277,8 @@ class Flat:
 
     @property
     def sharded(self) -> bool:
-        """Whether any tensor is a rank's ``Shard(0)`` slice of a DTensor."""
-        return any(c.shards for c in self.components)
+        """Whether any tensor is a rank's slice (``Shard(0)``) or block of a DTensor."""
+        return any(c.shards or c.blocks for c in self.components)
 
     def signature(self) -> tuple[object, ...]:
         return tuple(

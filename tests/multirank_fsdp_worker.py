@@ -9,7 +9,7 @@ MODE:
 - ``save``: one training step (batch 0), snapshot step 1 and wait; rank 0 writes
   ``OUT/full.safetensors`` (the full state, gathered with ``full_tensor()``); then the
   uninterrupted run goes on: the loss of batch 1, one more step, the loss of batch 2. It also
-  tries a ``Shard(1)`` DTensor (refused) and times snapshot() against a full-model copy.
+  tries a ``Partial`` DTensor (refused) and times snapshot() against a full-model copy.
 - ``restore``: a model of other weights and a fresh AdamW, ``client.restore()``, rank 0 writes
   ``OUT/restored-W.safetensors`` (gathered), then the same losses as ``save``.
 - ``bench``: ``save``'s snapshot and timings only, of a larger model when ``FSDP_WORKER_HIDDEN``
@@ -165,10 +165,11 @@ def timings(state: dict[str, Any], client: Client, rank: int) -> dict[str, float
 
 def refused(client: Client) -> str:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.placement_types import Partial
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    t = distribute_tensor(torch.arange(24.0).reshape(4, 6), mesh, [Shard(1)])
+    t = DTensor.from_local(torch.ones(4, 6), mesh, [Partial()], run_check=False)
     try:
         client.snapshot({"cols": {"w": t}}, step=9)
     except (ValueError, CheckpointError) as e:

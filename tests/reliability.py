@@ -51,6 +51,7 @@ FILES = [
     "tests/test_hf_review.py",
     "tests/test_multirank_fsdp.py",
     "tests/test_multinode_local.py",
+    "tests/test_multirank_noncontig.py",
 ]
 
 
@@ -536,11 +537,11 @@ SCENARIOS = [
         r"test_multirank_fsdp\.py::(test_restore_at_any_world_size|test_dcp_load)",
     ),
     Scenario(
-        "Non-contiguous DTensor placement refused; per-rank stall",
-        "A `Shard(1)` DTensor snapshotted under torchrun is refused naming the placement, that it is "
-        "not supported yet and what to snapshot instead; each rank's snapshot() time against copies "
+        "Partial DTensor placement refused; per-rank stall",
+        "A `Partial` DTensor snapshotted under torchrun is refused naming the placement and what to "
+        "do (redistribute, or full_tensor()); each rank's snapshot() time against copies "
         "of its local bytes and of the whole model is recorded.",
-        r"test_multirank_fsdp\.py::(test_non_contiguous|test_per_rank_stall)",
+        r"test_multirank_fsdp\.py::(test_partial_placement|test_per_rank_stall)",
     ),
     Scenario(
         "FSDP2: every trainer SIGKILLed after all ranks' snapshot() returned",
@@ -565,6 +566,24 @@ SCENARIOS = [
         "naming node n1; a flipped byte in node 1's step 2 falls back to step 1 with a warning; "
         "FSDP2 there is refused at snapshot() with the reason, nothing written.",
         r"test_multinode_local\.py::",
+    ),
+    Scenario(
+        "Non-contiguous DTensors: per-rank files beside consolidated ones",
+        "Real `torchrun` (gloo, CPU), 2 ranks: a tiny Qwen2 of `Shard(1)` parameters, a 2-D mesh's "
+        "`(Replicate(), Shard(0))` and `(Shard(0), Shard(1))` ones, a `Shard(0)` module, AdamW: the "
+        "manifest names each component's path (per-rank / consolidated), per-rank headers carry "
+        "`DCP_SHARDING_INFO` with each block, a replicated block is written once, parts add up to the "
+        "unique bytes, `ckptd.load` whole tensors; `Partial` refused; damaged blocks named.",
+        r"test_multirank_noncontig\.py::(test_each_component|test_load_gives|test_partial|test_blocks_|"
+        r"test_daemon_refuses)",
+    ),
+    Scenario(
+        "Non-contiguous step restored at 1, 2, 4 ranks; dcp.load; ckptd export",
+        "The 2-rank step restored into a plain process and into 2 and 4 ranks (a 2 x 2 mesh): state "
+        "bit-exact, the next optimizer step equal to the uninterrupted run's; `dcp.load` with "
+        "`HuggingFaceStorageReader` on the per-rank directory bit-exact; `ckptd export` writes a "
+        "consolidated copy that `from_pretrained` loads bit-exact.",
+        r"test_multirank_noncontig\.py::(test_restore_at_any_world_size|test_export)",
     ),
 ]
 

@@ -3,7 +3,7 @@ CPU), one daemon: each rank's daemon part writes its slices straight into the st
 files, so the step directory is a plain ``from_pretrained`` checkpoint; it restores bit-exact into
 1, 2 and 4 ranks (the next steps' losses those of the uninterrupted run), and ``dcp.load`` with
 torch's ``HuggingFaceStorageReader`` reads it. Uneven shards (513 and 3 rows over 2 and 4 ranks)
-and a refused ``Shard(1)`` placement are in the same job.
+and a refused ``Partial`` placement are in the same job.
 """
 
 from __future__ import annotations
@@ -59,14 +59,16 @@ def free_port() -> int:
         return port
 
 
-def run_worker(world: int, mode: str, job_out: Path, sock: Path, *, timeout_s: float = 150) -> str:
+def run_worker(
+    world: int, mode: str, job_out: Path, sock: Path, *, timeout_s: float = 150, worker: Path = WORKER
+) -> str:
     """The worker on ``world`` ranks (0: one plain process, no torchrun); its log. Every process it
     made is gone after."""
     launcher = [sys.executable] if world == 0 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
         "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
     ]  # fmt: skip
-    cmd = [*launcher, str(WORKER), mode, str(job_out), str(sock)]
+    cmd = [*launcher, str(worker), mode, str(job_out), str(sock)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
     log = job_out / f"{mode}-{world}.log"
     with open(log, "wb") as f:
@@ -198,11 +200,12 @@ def test_dcp_load_with_hf_storage_reader(job: Job) -> None:
         assert torch.equal(t, full[key]), key
 
 
-def test_non_contiguous_placement_is_refused(job: Job) -> None:
+def test_partial_placement_is_refused(job: Job) -> None:
+    """Non-contiguous placements are stored per rank (tests/test_multirank_noncontig.py); a
+    ``Partial`` one (partial sums) is still refused, saying what to do."""
     for r in job.saved:
         message = r["refused"]
-        assert "Shard(dim=1)" in message and "not supported yet" in message, message
-        assert "full_state_dict=True" in message  # what to do instead
+        assert "Partial" in message and "redistribute" in message, message
 
 
 def test_per_rank_stall(job: Job, record_property: Callable[[str, object], None]) -> None:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from ckptd.daemon.rows import ComponentRows, PreparedComponent, ShardRows, ShardSpan, shard_rows
 from ckptd.daemon.validate import InvalidRequest, check_components
-from ckptd.layout import ALIGN, ComponentFiles, component_files, round_up
+from ckptd.layout import ALIGN, ComponentFiles, component_files, rank_files, round_up
+from ckptd.perrank import sharding_metadata
 from ckptd.protocol import RegisterLayout
 from ckptd.shardfile import METADATA, HeaderEntry, encode_header
 
@@ -66,7 +67,7 @@ def prepare(comps: Sequence[ComponentRows]) -> PreparedLayout:
             c.name,
             tuple(ShardSpan(s.offset, s.nbytes, len(s.tensors)) for s in c.shards),
             c.aliases,
-            component_files(c.name, len(c.shards), pretrained=c.pretrained),
+            _files(c),
         )
         for c in comps
     )
@@ -92,7 +93,7 @@ class LayoutParts:
         if self.error is not None:
             return
         for i, c in enumerate(part.components):
-            shards = [shard_rows(s.offset, s.nbytes, s.tensors) for s in c.shards]
+            shards = [shard_rows(s.offset, s.nbytes, s.tensors, s.rank) for s in c.shards]
             if any(not s.tensors for s in shards):
                 self.fail(f"part {self.parts}: component {c.name!r} has a shard without tensors")
                 return
@@ -105,7 +106,10 @@ class LayoutParts:
                     if not shards or not joined.shards or shards[0][:2] != joined.shards[-1][:2]:
                         self.fail(f"part {self.parts} continues a shard it does not match")
                         return
-                    joined.shards[-1].tensors.extend(shards.pop(0).tensors)
+                    more = shards.pop(0)
+                    joined.shards[-1].tensors.extend(more.tensors)
+                    if joined.shards[-1].offsets is not None and more.offsets is not None:
+                        joined.shards[-1].offsets.extend(more.offsets)
                 joined.shards.extend(shards)
             elif i == 0 and part.continues_shard:
                 self.fail(f"part {self.parts} continues a shard of another component")
@@ -135,13 +139,24 @@ class LayoutParts:
         self.tensors = 0
 
 
+def _files(c: ComponentRows) -> ComponentFiles:
+    """Where a component's shards go: its per-rank files, or its consolidated ones."""
+    if c.shards and c.shards[0].rank is not None:
+        return rank_files(c.name, [s.rank for s in c.shards if s.rank is not None])
+    return component_files(c.name, len(c.shards), pretrained=c.pretrained)
+
+
 def _header(shard: ShardRows) -> bytes:
     """``encode_header`` of a checked shard (unique names), JSON-encoded in slices on a large
-    one: the same bytes, but no single C call that holds the GIL for long."""
+    one: the same bytes, but no single C call that holds the GIL for long. A per-rank file's
+    header carries its blocks' offsets (``DCP_SHARDING_INFO``)."""
     entries = [HeaderEntry(*t) for t in shard.tensors]
+    metadata = METADATA
+    if shard.offsets is not None:
+        metadata = sharding_metadata((e.name, o or ()) for e, o in zip(entries, shard.offsets, strict=True))
     if len(entries) <= HEADER_SLICE_TENSORS:
-        return encode_header(entries)
-    items = [json.dumps({"__metadata__": METADATA}, separators=(",", ":"))[1:-1]]
+        return encode_header(entries, metadata)
+    items = [json.dumps({"__metadata__": metadata}, separators=(",", ":"))[1:-1]]
     for i in range(0, len(entries), HEADER_SLICE_TENSORS):
         piece = {
             e.name: {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.start, e.end]}

@@ -337,6 +337,15 @@ class MultiRank:
             f", sharded, files hashed in {group.hash_s:.3f}s" if group.sharded else "",
             time.monotonic() - group.started,
         )
+        per_rank = [c.name for c in manifest.components if c.sharding == "per-rank"]
+        if per_rank:  # which path each component took (non-contiguous DTensors: per-rank files)
+            log.info(
+                "[run=%s step=%s] per-rank files: %s; consolidated: %s",
+                group.run,
+                group.step,
+                ", ".join(per_rank),
+                ", ".join(c.name for c in manifest.components if c.sharding == "consolidated") or "none",
+            )
         if self.groups.get(group.key) is group:
             del self.groups[group.key]
         group.outcome.set_result(path)

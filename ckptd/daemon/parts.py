@@ -231,6 +231,7 @@ def component_records(layout: PreparedLayout, records: dict[int, FileRecord]) ->
                 tensors=sum(s.tensors for s in c.shards),
                 total_size=sum(s.nbytes for s in c.shards),
                 aliases=c.aliases,
+                sharding="per-rank" if c.files.ranks else "consolidated",
             )
         )
     return out

@@ -27,7 +27,7 @@ from ckptd.daemon.metrics import Metrics
 from ckptd.daemon.multirank import MultiRank
 from ckptd.daemon.parts import component_records
 from ckptd.daemon.rootguard import RootGone, RootGuard
-from ckptd.manifest import ComponentRecord, FileRecord, Manifest, PartRecord
+from ckptd.manifest import FORMAT, PER_RANK_FORMAT, ComponentRecord, FileRecord, Manifest, PartRecord
 from ckptd.protocol import Committed, Failed, JobStatus, Message, Progress, Snapshot
 from ckptd.storage import Storage
 
@@ -453,6 +453,7 @@ class Pipeline:
             files.append(commit.write_file(st, staged.temp_dir / path, data, staged.temp_dir))
         job.timings["write_s"] = round(time.monotonic() - job.started, 6)
         manifest = Manifest(
+            format=PER_RANK_FORMAT if any(c.sharding == "per-rank" for c in components) else FORMAT,
             ckptd_version=__version__,
             run=req.run,
             step=req.step,

@@ -23,6 +23,8 @@ class ShardRows(NamedTuple):
     offset: int
     nbytes: int
     tensors: list[TensorRow]
+    rank: int | None = None  # of a per-rank file: its rank, and each tensor's global offset
+    offsets: list[tuple[int, ...] | None] | None = None
 
 
 class ComponentRows(NamedTuple):
@@ -33,12 +35,16 @@ class ComponentRows(NamedTuple):
     parameters: int | None = None
 
 
-def shard_rows(offset: int, nbytes: int, tensors: Sequence[TensorEntry]) -> ShardRows:
+def shard_rows(
+    offset: int, nbytes: int, tensors: Sequence[TensorEntry], rank: int | None = None
+) -> ShardRows:
     """``ShardRows`` of a decoded shard's ``TensorEntry`` list."""
     return ShardRows(
         offset,
         nbytes,
         [(t.name, t.dtype, tuple(t.shape), t.start, t.end) for t in tensors],
+        rank,
+        None if rank is None else [None if t.offset is None else tuple(t.offset) for t in tensors],
     )
 
 
@@ -46,7 +52,7 @@ def component_rows(components: Sequence[ComponentEntry]) -> list[ComponentRows]:
     return [
         ComponentRows(
             c.name,
-            [shard_rows(s.offset, s.nbytes, s.tensors) for s in c.shards],
+            [shard_rows(s.offset, s.nbytes, s.tensors, s.rank) for s in c.shards],
             dict(c.aliases),
             c.pretrained,
             c.parameters,

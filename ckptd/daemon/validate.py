@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from ckptd.daemon.rows import ComponentRows, PreparedComponent
+from ckptd.daemon.rows import ComponentRows, PreparedComponent, ShardRows
 from ckptd.dtypes import ITEMSIZE, numel
 from ckptd.layout import MODEL, small_file, split_small_file
 from ckptd.manifest import MANIFEST_NAME
@@ -79,6 +79,14 @@ def check_snapshot(req: Snapshot, components: Sequence[PreparedComponent], arena
         )
     if req.pieces is not None:
         _check_pieces(req.pieces, [s.nbytes for c in components for s in c.shards], arena_size)
+        writers = [
+            c.files.ranks[i] if c.files.ranks else None for c in components for i in range(len(c.shards))
+        ]
+        for g, *_ in req.pieces:  # a per-rank file is its own rank's alone
+            if writers[g] is not None and writers[g] != req.rank:
+                raise InvalidRequest(
+                    f"rank {req.rank} sent a piece of rank {writers[g]}'s per-rank file (shard {g})"
+                )
         return
     for c in components:
         for i, shard in enumerate(c.shards):
@@ -169,6 +177,26 @@ def check_files(req: Snapshot, components: Sequence[PreparedComponent]) -> None:
         )
 
 
+def _check_ranked(where: str, shard: ShardRows, i: int, c: ComponentRows) -> None:
+    """A per-rank file: its rank once in the component, unique names, an offset per tensor of
+    its tensor's rank (DCP's ``saved_offsets``), all >= 0."""
+    if shard.rank is None or shard.rank < 0 or any(s.rank == shard.rank for s in c.shards[:i]):
+        raise InvalidRequest(
+            f"{where}: every shard of a per-rank component names its rank (>= 0), each once; got "
+            f"{[s.rank for s in c.shards[: i + 1]]}"
+        )
+    names = [t[0] for t in shard.tensors]
+    offsets = shard.offsets or []
+    if len(set(names)) != len(names) or len(offsets) != len(names):
+        raise InvalidRequest(f"{where}: a per-rank file holds each tensor once, each with its offset")
+    for (name, _, shape, _, _), off in zip(shard.tensors, offsets, strict=True):
+        if off is None or len(off) != len(shape) or min(off, default=0) < 0 or max(off, default=0) >= 2**62:
+            raise InvalidRequest(
+                f"{where}: tensor {name!r} of shape {list(shape)} has offset {off}; a block's offset "
+                "has one index >= 0 per dimension"
+            )
+
+
 def _check_component(c: ComponentRows) -> int:
     if c.parameters is not None and c.parameters < 0:
         raise InvalidRequest(f"component {c.name!r}: parameters must be >= 0, got {c.parameters}")
@@ -176,15 +204,21 @@ def _check_component(c: ComponentRows) -> int:
         raise InvalidRequest(f"component {c.name!r} has no shards")
     seen: set[str] = set()
     total = 0
+    per_rank = c.shards[0].rank is not None
     for i, shard in enumerate(c.shards):
         where = f"component {c.name!r} shard {i}"
         if not shard.tensors:  # a header of 4096 bytes for nothing: shards are bounded by tensors
             raise InvalidRequest(f"{where} holds no tensors; every shard must hold at least one")
         if shard.offset < 0 or shard.nbytes < 0:
             raise InvalidRequest(f"{where}: offset {shard.offset} and size {shard.nbytes} must be >= 0")
+        if per_rank:  # a block of a tensor per rank: names repeat across the shards, not within
+            _check_ranked(where, shard, i, c)
+            seen.update(t[0] for t in shard.tensors)
+        elif shard.rank is not None:
+            raise InvalidRequest(f"{where} names a rank, but the component's first shard does not")
         pos = 0
         for name, dtype, shape, start, end in shard.tensors:
-            if name in seen or name == "__metadata__" or not name:
+            if (name in seen and not per_rank) or name == "__metadata__" or not name:
                 raise InvalidRequest(f"{where}: tensor name {name!r} is empty, reserved or repeated")
             seen.add(name)
             if dtype not in ITEMSIZE:
