@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import stop_launcher
 from safetensors.torch import load_file
 
 import ckptd
@@ -102,9 +102,7 @@ def run_nodes(mode: str, out: Path, socks: tuple[Path, Path], *, timeout_s: floa
         return [p.poll() for p in procs]
     finally:
         for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(10)
+            stop_launcher(p)
         for f in logs:
             f.close()
 

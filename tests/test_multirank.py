@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
+from helpers import stop_launcher
 from safetensors.torch import load_file
 from transformers import Qwen2ForCausalLM
 
@@ -72,9 +73,7 @@ def torchrun(
         try:
             return proc.wait(timeout_s)
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, 9)
-                proc.wait(10)
+            stop_launcher(proc)
 
 
 def results(out: Path, world: int) -> list[dict[str, Any]]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import stop_launcher
 from safetensors.torch import load_file
 
 import ckptd
@@ -76,9 +76,7 @@ def run_worker(
         try:
             rc = proc.wait(timeout_s)
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+            stop_launcher(proc)
     text = log.read_text(errors="replace")
     assert rc == 0, f"{mode} on {world} ranks exited {rc}:\n{text[-4000:]}"
     return text
