@@ -203,7 +203,10 @@ def _sharded_plan(  # noqa: PLR0917 - the parts of a plan, made once per signatu
         pieces.append((g, start, nbytes, pos))
         offsets.append(pos)
         sizes.append(nbytes)
-        mine.append((i, i + 1))
+        if mine and mine[-1][1] == i:  # one range per run of placements: one copy call each
+            mine[-1] = (mine[-1][0], i + 1)
+        else:
+            mine.append((i, i + 1))
         pos = (pos + nbytes + 63) // 64 * 64
     return Plan(
         dataclasses.replace(lay, slot_bytes=layout_mod.round_up(max(pos, 1))),
