@@ -181,7 +181,8 @@ def _sharded_plan(  # noqa: PLR0917 - the parts of a plan, made once per signatu
                 placed.append((g, p, sharded))
     owners = ranks_mod.assign_shards([placed[i][1].end - placed[i][1].start for i in whole], world)
     mine_whole = {i for i, r in zip(whole, owners, strict=True) if r == rank}
-    pieces, specs, offsets, sizes, mine = [], [], array("q"), array("q"), []
+    pieces, specs, offsets, sizes = [], [], array("q"), array("q")
+    mine: list[tuple[int, int]] = []
     pos = 0
     for i, (g, p, sharded) in enumerate(placed):
         t = flat.components[comps[i]].tensors[indices[i]][1]
