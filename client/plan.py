@@ -130,7 +130,7 @@ def make_plan(flat: Flat, max_shard_size: int, part: tuple[int, int] | None = No
     ]
     placements = [(s.offset, p) for comp in lay.components for s in comp.shards for p in s.tensors]
     layout_id = next(_layout_ids)
-    if flat.sharded:
+    if flat.sharded and (part is not None or not _whole(flat)):
         if part is None:
             raise ValueError(
                 "this snapshot holds sharded DTensors (FSDP2): connect the client under torchrun "
@@ -225,6 +225,18 @@ def _sharded_plan(  # noqa: PLR0917 - the parts of a plan, made once per signatu
         pieces=tuple(pieces),
         mine=tuple(mine),
     )
+
+
+def _whole(flat: Flat) -> bool:
+    """Whether every DTensor slice of ``flat`` is its whole tensor (a mesh of one device, in a
+    world of one process): planned and copied as plain tensors."""
+    for c in flat.components:
+        if c.shards:
+            shapes = {n: tuple(t.shape) for n, t in c.tensors}
+            for n, (shape, offset) in c.shards.items():
+                if any(offset) or shapes.get(n, shape) != shape:
+                    return False
+    return True
 
 
 def _batches(ends: list[int], sizes: list[int]) -> tuple[tuple[int, int, int], ...]:

@@ -238,7 +238,7 @@ _LAYOUTS_MAX = 1 << 16
 
 def shard_of(where: str, t: Any) -> tuple[torch.Tensor, tuple[int, ...] | None, tuple[int, ...]]:
     """A DTensor's (local tensor, global shape, global offset); the shape is None for one every
-    rank holds whole (``Replicate`` on every mesh dimension, or a mesh of one device). Only what
+    rank holds whole (``Replicate`` on every mesh dimension). Only what
     is a contiguous byte range of the full tensor is accepted: ``Shard(0)`` on a 1-D mesh
     (FSDP2's default). The layout of a spec is computed once (``_LAYOUTS``), and the local
     tensor is read without ``to_local()``'s autograd view (the copy reads the same bytes)."""
@@ -270,7 +270,7 @@ def _layout_of(where: str, t: Any) -> tuple[tuple[int, ...], tuple[int, ...], to
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     placements, mesh = tuple(t.placements), t.device_mesh
-    if all(isinstance(p, Replicate) for p in placements) or mesh.size() == 1:
+    if all(isinstance(p, Replicate) for p in placements):
         return None
     if mesh.ndim != 1 or placements != (Shard(0),):
         raise ValueError(
