@@ -144,7 +144,7 @@ def make_plan(flat: Flat, max_shard_size: int, part: tuple[int, int] | None = No
                 t["offset"] = list(offset)
     placements = [(s.offset, p) for comp in lay.components for s in comp.shards for p in s.tensors]
     layout_id = next(_layout_ids)
-    if flat.sharded:
+    if flat.sharded and (part is not None or not _whole(flat)):
         if part is None:
             raise ValueError(
                 "this snapshot holds sharded DTensors (FSDP2): connect the client under torchrun "
@@ -198,7 +198,8 @@ def _sharded_plan(  # noqa: PLR0917 - the parts of a plan, made once per signatu
                 placed.append((g, p, sharded))
     owners = ranks_mod.assign_shards([placed[i][1].end - placed[i][1].start for i in whole], world)
     mine_whole = {i for i, r in zip(whole, owners, strict=True) if r == rank}
-    pieces, specs, offsets, sizes, mine = [], [], array("q"), array("q"), []
+    pieces, specs, offsets, sizes = [], [], array("q"), array("q")
+    mine: list[tuple[int, int]] = []
     pos = 0
     for i, (g, p, sharded) in enumerate(placed):
         t = flat.components[comps[i]].tensors[indices[i]][1]
@@ -227,7 +228,10 @@ def _sharded_plan(  # noqa: PLR0917 - the parts of a plan, made once per signatu
         pieces.append((g, start, nbytes, pos))
         offsets.append(pos)
         sizes.append(nbytes)
-        mine.append((i, i + 1))
+        if mine and mine[-1][1] == i:  # one range per run of placements: one copy call each
+            mine[-1] = (mine[-1][0], i + 1)
+        else:
+            mine.append((i, i + 1))
         pos = (pos + nbytes + 63) // 64 * 64
     return Plan(
         dataclasses.replace(lay, slot_bytes=layout_mod.round_up(max(pos, 1))),
@@ -245,6 +249,18 @@ def _sharded_plan(  # noqa: PLR0917 - the parts of a plan, made once per signatu
         pieces=tuple(pieces),
         mine=tuple(mine),
     )
+
+
+def _whole(flat: Flat) -> bool:
+    """Whether every DTensor slice of ``flat`` is its whole tensor (a mesh of one device, in a
+    world of one process): planned and copied as plain tensors."""
+    for c in flat.components:
+        if c.shards:
+            shapes = {n: tuple(t.shape) for n, t in c.tensors}
+            for n, (shape, offset) in c.shards.items():
+                if any(offset) or shapes.get(n, shape) != shape:
+                    return False
+    return True
 
 
 def _batches(ends: list[int], sizes: list[int]) -> tuple[tuple[int, int, int], ...]:

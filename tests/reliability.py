@@ -52,6 +52,7 @@ FILES = [
     "tests/test_multirank_fsdp.py",
     "tests/test_multinode_local.py",
     "tests/test_multirank_noncontig.py",
+    "tests/test_multirank_stall.py",
 ]
 
 
@@ -584,6 +585,20 @@ SCENARIOS = [
         "`HuggingFaceStorageReader` on the per-rank directory bit-exact; `ckptd export` writes a "
         "consolidated copy that `from_pretrained` loads bit-exact.",
         r"test_multirank_noncontig\.py::(test_restore_at_any_world_size|test_export)",
+    ),
+    Scenario(
+        "FSDP2 snapshot() with every other rank SIGSTOPped",
+        "2 and 4 ranks: the others SIGSTOP themselves; rank 0's snapshot() returns at once (no "
+        "collective on its thread), the step commits once they wake; a second flatten computes no "
+        "DTensor layout; stall vs a copy of the same local bytes recorded (bound: 5x).",
+        r"test_multirank_stall\.py::test_snapshot_runs_no_collective",
+    ),
+    Scenario(
+        "DTensors on a one-device mesh, and ranks' local shards on CUDA",
+        "A world of one with a Shard(0) DTensor on a 1-device mesh: held whole, snapshot and "
+        "restore bit-exact (CPU; CUDA with gpu); 2 ranks' from_local shards saved bit-exact, on CUDA "
+        "through the pinned side-stream path with in-place updates queued after snapshot() returned.",
+        r"test_multirank_stall\.py::test_(cuda_)?(dtensor_on_a_one|local_shards)",
     ),
 ]
 
