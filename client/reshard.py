@@ -15,6 +15,7 @@ Checksums are whole-file: the rank that picks the step (rank 0, or the only proc
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,22 @@ def templates(obj: object) -> tuple[dict[_Key, Any], dict[_Key, Any]]:
             for i, p in enumerate(optimizer_param_order(value)):
                 if is_dtensor(p):
                     params[(key, names.get(id(p), str(i)))] = p
+        else:  # a state dict or a tree of plain values: its tensors by their dotted path
+            direct.update(((key, n or key), t) for n, t in _tensors(value, ()) if is_dtensor(t))
     return direct, params
+
+
+def _tensors(value: object, path: tuple[str, ...]) -> Iterator[tuple[str, Any]]:
+    """The tensors of a tree of dicts, lists and tuples, named as ``client.tree`` names them."""
+    if isinstance(value, torch.Tensor):
+        yield ".".join(path), value
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            if isinstance(k, str):
+                yield from _tensors(v, (*path, k))
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            yield from _tensors(v, (*path, str(i)))
 
 
 def wants_slices(obj: object) -> bool:

@@ -155,8 +155,19 @@ def local(device: str, out: Path, socket_path: str, rank: int, world: int) -> di
                 t.to_local().mul_(0).add_(7)
     info = handle.wait(120)
     saved = ckptd.load(info.path)["model"] if info is not None else {}
+    # Restored into a plain dict of DTensors (not a module's): each rank reads its own rows.
+    target = {
+        k: DTensor.from_local(torch.zeros(rows, *v.shape[1:], dtype=v.dtype, device=device), mesh, [Shard(0)])
+        for k, v in full.items()
+    }
+    restored = client.restore({"model": target})
     client.close()
     return {
+        "restored": restored,
+        "restored_same": {
+            k: bool(torch.equal(target[k].to_local().cpu(), v[rank * rows : (rank + 1) * rows]))
+            for k, v in full.items()
+        },
         "returned_before_copy": returned_before_copy,
         "on_device": all(t.to_local().device.type == device for t in state.values()),
         "same": {

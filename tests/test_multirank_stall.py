@@ -123,6 +123,7 @@ def test_local_shards_round_trip_on_the_host_path(workdir: Path, daemon: DaemonP
     run_worker(2, ["local", "cpu", str(out), str(daemon.socket)], out)
     for r in results(out, "local", 2):
         assert r["on_device"] and r["same"] == {"w": True, "b": True}, r
+        assert r["restored"] == 1 and r["restored_same"] == {"w": True, "b": True}, r
 
 
 @pytest.mark.gpu
@@ -148,3 +149,4 @@ def test_cuda_local_shards_take_the_device_to_host_path(workdir: Path, daemon: D
     run_worker(2, ["local", "cuda", str(out), str(daemon.socket)], out)
     for r in results(out, "local", 2):
         assert r["on_device"] and r["same"] == {"w": True, "b": True}, r
+        assert r["restored"] == 1 and r["restored_same"] == {"w": True, "b": True}, r
