@@ -53,7 +53,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 #: Largest frame either side accepts; a 20,000-tensor snapshot request is a few MB.
 MAX_FRAME_BYTES = 64 * 2**20
 #: A layout whose components serialize to more than this is sent in parts of at most
@@ -164,6 +164,9 @@ class Snapshot(Message):
     # files: ``(global shard index, start in that shard's data section, bytes, slot offset)``.
     # The ranks' pieces tile every shard's data exactly once (checked before a byte is written).
     pieces: list[tuple[int, int, int, int]] | None = None
+    # The daemons (nodes) that write the job's parts into one shared root (protocol 6): with more
+    # than one, the daemons agree through the step's temp directory (``ckptd/shared.py``).
+    nodes: int = 1
 
 
 class Staged(Message):

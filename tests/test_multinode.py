@@ -1,0 +1,314 @@
+"""Two nodes on one shared root, simulated on one host: two daemons (``--node-id n0``/``n1``, one
+root), two ``torchrun --nnodes 2`` launchers (gloo, CPU), each node's ranks with their own
+daemon (``CKPTD_SOCKET``). A step is one temp directory that both daemons write into and one
+commit by rank 0's daemon; a daemon never sweeps another node's work in progress; and a trainer
+or daemon killed (or stopped, or out of space) on either node never leaves anything half visible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ckptd
+from ckptd import shared
+from ckptd.manifest import read_manifest
+from ckptd.paths import read_latest
+
+TESTS = Path(__file__).parent
+WORKER = TESTS / "multinode_worker.py"
+FSDP_WORKER = TESTS / "multirank_fsdp_worker.py"
+sys.path.insert(0, str(TESTS))
+from conftest import wait_for_socket  # noqa: E402
+from test_multirank import free_port, shard_owners  # noqa: E402
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    node: str
+    socket: Path
+    log: Path
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+class Nodes:
+    """Two daemons of one shared root (each optionally with a fault), and the jobs run on them."""
+
+    def __init__(self, base: Path) -> None:
+        self.base, self.root = base, base / "root"
+        self.daemons: list[Daemon] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, node: int, faults: str | None = None, *args: str) -> Daemon:
+        sock = self.base / f"n{node}.sock"
+        log = self.base / f"n{node}-{len(self.daemons)}.log"
+        if faults is None:
+            cmd = [sys.executable, "-m", "ckptd", "serve"]
+        else:
+            cmd = [sys.executable, str(TESTS / "faulty_daemon.py"), faults]
+        cmd += ["--root", str(self.root), "--socket", str(sock), "--node-id", f"n{node}", *args]
+        with open(log, "wb") as f:
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        d = Daemon(proc, f"n{node}", sock, log)
+        self.daemons.append(d)
+        try:
+            wait_for_socket(sock, proc)
+        except Exception:
+            raise RuntimeError(f"daemon n{node} did not start:\n{d.text()}") from None
+        return d
+
+    def run(
+        self, worker: Path, mode: str, out: Path, step: int | None = None, *, wait: bool = True
+    ) -> list[subprocess.Popen[bytes]]:
+        """Both nodes' launchers of one job (each rank to its node's daemon); waited for (150 s at
+        most) unless ``wait`` is False."""
+        out.mkdir(parents=True, exist_ok=True)
+        port = str(free_port())
+        procs = []
+        for node in (0, 1):
+            sock = self.base / f"n{node}.sock"
+            cmd = [
+                sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+                "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port,
+                str(worker), mode, str(out), str(sock), *([] if step is None else [str(step)]),
+            ]  # fmt: skip
+            env = {
+                **os.environ,
+                "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": str(TESTS.parent),
+                "CKPTD_SOCKET": str(sock),
+            }
+            with open(out / f"node{node}.log", "wb") as f:
+                procs.append(
+                    subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                )
+        self.procs += procs
+        if wait:
+            self.wait(procs)
+        return procs
+
+    def wait(self, procs: list[subprocess.Popen[bytes]], timeout_s: float = 150) -> None:
+        deadline = time.monotonic() + timeout_s
+        for p in procs:
+            try:
+                p.wait(max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for p in procs:
+            _kill_group(p)
+
+    def close(self) -> None:
+        for p in self.procs:
+            _kill_group(p)
+        for d in self.daemons:
+            d.stop()
+
+
+def _kill_group(p: subprocess.Popen[bytes]) -> None:
+    if p.poll() is None:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait(10)
+
+
+@pytest.fixture
+def nodes() -> Iterator[Nodes]:
+    base = Path(tempfile.mkdtemp(prefix="ckptd-"))
+    n = Nodes(base)
+    try:
+        yield n
+    finally:
+        n.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def log_of(out: Path) -> str:
+    return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(out.glob("node*.log")))
+
+
+def result(out: Path, rank: int) -> Any:
+    path = out / f"rank-{rank}.json"
+    assert path.exists(), f"{path.name} not written:\n{log_of(out)}"
+    return json.loads(path.read_text())
+
+
+def wait_until(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def leftovers(run_dir: Path, step: int) -> list[str]:
+    """What a failed step left: its temp directory, or data in its ``.failed`` one (only
+    ``FAILED.json`` may stay there, for a while)."""
+    out = []
+    for p in sorted(run_dir.glob(f"step-{step:06d}.*")):
+        if p.name.endswith(shared.FAILED_SUFFIX):
+            out += [f"{p.name}/{q.name}" for q in p.iterdir() if q.name != shared.FAILED_FILE]
+        else:
+            out.append(p.name)
+    return out
+
+
+def committed(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in run_dir.iterdir() if p.name.startswith("step-") and "." not in p.name)
+
+
+def assert_nothing_visible(run_dir: Path, step: int, latest: str | None) -> None:
+    assert not (run_dir / f"step-{step:06d}").exists()
+    assert read_latest(run_dir) == latest
+    wait_until(
+        lambda: not leftovers(run_dir, step), 20, f"step {step}'s temp data to go: {leftovers(run_dir, step)}"
+    )
+
+
+# --- the happy path: one module-scoped job of each kind --------------------------------------------
+
+
+@dataclass
+class Job:
+    nodes: Nodes
+    ddp_out: Path
+    fsdp_out: Path
+
+
+@pytest.fixture(scope="module")
+def job() -> Iterator[Job]:
+    """Two daemons of one root; a DDP job that saved step 3 and restored it; an FSDP2 job that
+    saved step 1 (and 2-4) and one that restored it."""
+    base = Path(tempfile.mkdtemp(prefix="ckptd-"))
+    n = Nodes(base)
+    try:
+        n.start(0)
+        n.start(1)
+        n.run(WORKER, "save", base / "ddp", 3)
+        n.run(FSDP_WORKER, "save", base / "fsdp")
+        n.run(FSDP_WORKER, "restore", base / "fsdp")
+        yield Job(n, base / "ddp", base / "fsdp")
+    finally:
+        n.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_ddp_two_nodes_make_one_step_committed_once(job: Job) -> None:
+    got = [result(job.ddp_out, r) for r in (0, 1)]
+    run_dir = job.nodes.root / "ddp"
+    step_dir = run_dir / "step-000003"
+    assert [r.get("path") for r in got] == [str(step_dir)] * 2, got
+    assert sorted(p.name for p in run_dir.iterdir()) == ["LATEST", "step-000003"]  # one step dir, no temp
+    assert read_latest(run_dir) == "step-000003"
+    assert ckptd.verify(step_dir) == []
+    n0, n1 = (d.text() for d in job.nodes.daemons[:2])
+    # rank 0's daemon committed the step; node 1's learnt it from the step directory
+    assert "step=3] committed" in n0 and "from 2 ranks" in n0, n0
+    assert "step=3] committed by the coordinator's daemon" in n1 and "coordinator's" not in n0, n1
+    assert "swept" not in n0 + n1  # neither daemon swept anything of the other's
+
+    # the manifest says which rank (so which node) wrote what; each shard once
+    manifest = read_manifest(step_dir)
+    writer = {f: p.rank for p in manifest.parts for f in p.files}
+    owners = shard_owners(2)
+    assert {f: r for f, r in writer.items() if f in owners} == owners
+    assert sorted(p.rank for p in manifest.parts) == [0, 1]
+    assert {r["bytes"] for r in got} == {sum(p.bytes for p in manifest.parts)}
+
+    from transformers import Qwen2ForCausalLM
+
+    want = load_file(str(job.ddp_out / "rank-0.safetensors"))
+    loaded = Qwen2ForCausalLM.from_pretrained(step_dir).state_dict()
+    for name, t in loaded.items():
+        assert torch.equal(t, want[name]), name
+    assert [r["restored"] for r in got] == [3, 3]
+    for r in (0, 1):
+        restored = load_file(str(job.ddp_out / f"rank-{r}-restored.safetensors"))
+        assert all(torch.equal(restored[k], v) for k, v in want.items()), r
+
+
+def test_fsdp_two_nodes_write_one_consolidated_checkpoint(job: Job) -> None:
+    from transformers import Qwen2ForCausalLM
+
+    out = job.fsdp_out
+    saved = [json.loads((out / f"save-2-rank-{r}.json").read_text()) for r in (0, 1)]
+    run_dir = job.nodes.root / "fsdp"
+    step_dir = run_dir / "step-000001"
+    assert [s["path"] for s in saved] == [str(step_dir)] * 2
+    assert committed(run_dir) == ["step-000001", "step-000002", "step-000003", "step-000004"]
+    assert not [p.name for p in run_dir.iterdir() if ".ckptd-tmp-" in p.name]
+    assert ckptd.verify(step_dir) == []
+    full = load_file(str(out / "full.safetensors"))
+    loaded = Qwen2ForCausalLM.from_pretrained(step_dir).state_dict()
+    for name, t in loaded.items():
+        assert torch.equal(t, full[f"model.{name}"]), name
+    manifest = read_manifest(step_dir)
+    assert sorted(p.rank for p in manifest.parts) == [0, 1]
+    assert all(p.bytes > 0 for p in manifest.parts)  # both nodes wrote into the consolidated files
+
+    restored = load_file(str(out / "restored-2.safetensors"))  # client.restore on both nodes
+    assert set(restored) == set(full)
+    for k, v in full.items():
+        assert torch.equal(restored[k], v), k
+    again = [json.loads((out / f"restore-2-rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [a["loss2"] for a in again] == [s["loss2"] for s in saved]
+
+
+# --- a daemon restarted on one node mid-save ----------------------------------------------------------
+
+
+def test_daemon_restarted_mid_save_does_not_destroy_the_other_nodes_work(nodes: Nodes) -> None:
+    nodes.start(0)
+    n1 = nodes.start(1, "slow:0.3", "--workers", "1")  # rank 1's writes take seconds
+    out = nodes.base / "out"
+    procs = nodes.run(WORKER, "restart", out, 1, wait=False)
+    run_dir = nodes.root / "ddp"
+    wait_until(
+        lambda: (out / "snapshotted-1-2").exists() and (out / "snapshotted-0-2").exists(), 90, "step 2"
+    )
+    time.sleep(0.5)
+    temp = next(p for p in run_dir.iterdir() if p.name.startswith("step-000002.ckptd-tmp-"))
+    n1.proc.kill()  # mid-write: rank 1's part is not durable
+    n1.proc.wait(10)
+    assert read_latest(run_dir) == "step-000001"
+    restarted = nodes.start(1)  # the same root and node id
+    assert temp.is_dir(), "the restarted daemon swept the step the other node is still writing"
+    assert "swept" not in restarted.text()
+    (out / "go").touch()
+    nodes.wait(procs)
+    got = [result(out, r) for r in (0, 1)]
+    assert [g[0].get("path") for g in got] == [str(run_dir / "step-000001")] * 2, got
+    first, second = got[0][1], got[1][1]
+    assert first["code"] == "parts_missing" and "rank(s) [1]" in first["error"], first
+    assert "error" in second, second  # its daemon died under it
+    assert [g[2].get("path") for g in got] == [str(run_dir / "step-000003")] * 2, got
+    assert committed(run_dir) == ["step-000001", "step-000003"]
+    assert ckptd.verify(run_dir / "step-000001") == []
+    assert read_latest(run_dir) == "step-000003"
+    wait_until(lambda: not leftovers(run_dir, 2), 20, "step 2's data to go")
