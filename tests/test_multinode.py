@@ -84,7 +84,14 @@ class Nodes:
         return d
 
     def run(
-        self, worker: Path, mode: str, out: Path, step: int | None = None, *, wait: bool = True
+        self,
+        worker: Path,
+        mode: str,
+        out: Path,
+        step: int | None = None,
+        *,
+        wait: bool = True,
+        expect: tuple[int, ...] = (),
     ) -> list[subprocess.Popen[bytes]]:
         """Both nodes' launchers of one job (each rank to its node's daemon); waited for (150 s at
         most) unless ``wait`` is False."""
@@ -110,16 +117,24 @@ class Nodes:
                 )
         self.procs += procs
         if wait:
-            self.wait(procs)
+            self.wait(procs, out, expect)
         return procs
 
-    def wait(self, procs: list[subprocess.Popen[bytes]], timeout_s: float = 150) -> None:
+    def wait(
+        self,
+        procs: list[subprocess.Popen[bytes]],
+        out: Path,
+        expect: tuple[int, ...] = (0, 1),
+        timeout_s: float = 150,
+    ) -> None:
+        """Until both launchers exit, or the ranks of ``expect`` wrote their results (a launcher
+        whose peer node failed waits minutes in torchrun's exit barrier: it is killed then)."""
         deadline = time.monotonic() + timeout_s
-        for p in procs:
-            try:
-                p.wait(max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
+        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+            if expect and all((out / f"rank-{r}.json").exists() for r in expect):
+                time.sleep(1.0)  # let them exit on their own first
+                break
+            time.sleep(0.1)
         for p in procs:
             _kill_group(p)
 
@@ -219,7 +234,9 @@ def job() -> Iterator[Job]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_ddp_two_nodes_make_one_step_committed_once(job: Job) -> None:
+def test_ddp_two_nodes_make_one_step_committed_once(
+    job: Job, record_property: Callable[[str, object], None]
+) -> None:
     got = [result(job.ddp_out, r) for r in (0, 1)]
     run_dir = job.nodes.root / "ddp"
     step_dir = run_dir / "step-000003"
@@ -251,9 +268,12 @@ def test_ddp_two_nodes_make_one_step_committed_once(job: Job) -> None:
     for r in (0, 1):
         restored = load_file(str(job.ddp_out / f"rank-{r}-restored.safetensors"))
         assert all(torch.equal(restored[k], v) for k, v in want.items()), r
+    record_property("committed", 1)
 
 
-def test_fsdp_two_nodes_write_one_consolidated_checkpoint(job: Job) -> None:
+def test_fsdp_two_nodes_write_one_consolidated_checkpoint(
+    job: Job, record_property: Callable[[str, object], None]
+) -> None:
     from transformers import Qwen2ForCausalLM
 
     out = job.fsdp_out
@@ -278,12 +298,15 @@ def test_fsdp_two_nodes_write_one_consolidated_checkpoint(job: Job) -> None:
         assert torch.equal(restored[k], v), k
     again = [json.loads((out / f"restore-2-rank-{r}.json").read_text()) for r in (0, 1)]
     assert [a["loss2"] for a in again] == [s["loss2"] for s in saved]
+    record_property("committed", 1)
 
 
 # --- a daemon restarted on one node mid-save ----------------------------------------------------------
 
 
-def test_daemon_restarted_mid_save_does_not_destroy_the_other_nodes_work(nodes: Nodes) -> None:
+def test_daemon_restarted_mid_save_does_not_destroy_the_other_nodes_work(
+    nodes: Nodes, record_property: Callable[[str, object], None]
+) -> None:
     nodes.start(0)
     n1 = nodes.start(1, "slow:0.3", "--workers", "1")  # rank 1's writes take seconds
     out = nodes.base / "out"
@@ -301,7 +324,7 @@ def test_daemon_restarted_mid_save_does_not_destroy_the_other_nodes_work(nodes: 
     assert temp.is_dir(), "the restarted daemon swept the step the other node is still writing"
     assert "swept" not in restarted.text()
     (out / "go").touch()
-    nodes.wait(procs)
+    nodes.wait(procs, out)
     got = [result(out, r) for r in (0, 1)]
     assert [g[0].get("path") for g in got] == [str(run_dir / "step-000001")] * 2, got
     first, second = got[0][1], got[1][1]
@@ -312,3 +335,114 @@ def test_daemon_restarted_mid_save_does_not_destroy_the_other_nodes_work(nodes: 
     assert ckptd.verify(run_dir / "step-000001") == []
     assert read_latest(run_dir) == "step-000003"
     wait_until(lambda: not leftovers(run_dir, 2), 20, "step 2's data to go")
+    record_property("committed", 2)
+
+
+# --- the kill matrix across the two nodes ------------------------------------------------------------
+
+
+def commit_step_1(nodes: Nodes) -> None:
+    """An earlier committed step of the run, from one process on node 0 (LATEST points at it)."""
+    from multirank_worker import build_state
+
+    from client import Client
+
+    with Client.connect(nodes.daemons[0].socket, autostart=False, run="ddp", process_group=False) as c:
+        c.snapshot(build_state(), step=1).wait(timeout=60)
+    assert read_latest(nodes.root / "ddp") == "step-000001"
+
+
+def test_every_trainer_killed_after_snapshot_returned_commits(
+    nodes: Nodes, record_property: Callable[[str, object], None]
+) -> None:
+    for node in (0, 1):  # the trainers are dead long before the parts are durable
+        nodes.start(node, "slow:0.3", "--workers", "1")
+    out = nodes.base / "out"
+    nodes.run(WORKER, "kill-all", out, 5)
+    run_dir = nodes.root / "ddp"
+    step_dir = run_dir / "step-000005"
+    wait_until(lambda: read_latest(run_dir) == "step-000005", 60, "step 5 committed")
+    assert ckptd.verify(step_dir) == []
+    assert sorted(p.rank for p in read_manifest(step_dir).parts) == [0, 1]
+    assert committed(run_dir) == ["step-000005"]
+    assert all(d.proc.poll() is None for d in nodes.daemons)
+    record_property("committed", 1)
+
+
+def test_node1_trainer_killed_before_snapshot_returned_makes_nothing_visible(nodes: Nodes) -> None:
+    from multinode_worker import COMMIT_TIMEOUT_S
+
+    nodes.start(0)
+    nodes.start(1)
+    commit_step_1(nodes)
+    out = nodes.base / "out"
+    nodes.run(WORKER, "kill-before", out, 2, expect=(0,))
+    survivor = result(out, 0)
+    assert survivor["code"] == "parts_missing", survivor
+    assert "rank(s) [1] did not hand over" in survivor["error"] and "step 2" in survivor["error"], survivor
+    assert survivor["waited_s"] < COMMIT_TIMEOUT_S + 5, survivor
+    assert_nothing_visible(nodes.root / "ddp", 2, "step-000001")
+
+
+def test_node1_daemon_killed_mid_write_fails_node0_not_hangs(nodes: Nodes) -> None:
+    nodes.start(0)
+    n1 = nodes.start(1, "kill-at:pwrite:3:2", "--workers", "1")
+    commit_step_1(nodes)
+    out = nodes.base / "out"
+    nodes.run(WORKER, "wait", out, 2, expect=(0, 1))
+    assert n1.proc.poll() is not None and "faulty_daemon: SIGKILL" in n1.text()
+    r0, r1 = result(out, 0), result(out, 1)
+    assert r0["code"] == "parts_missing" and "rank(s) [1]'s daemon stopped writing" in r0["error"], r0
+    assert r0["waited_s"] < 45, r0
+    assert "error" in r1, r1  # its daemon died under it
+    assert_nothing_visible(nodes.root / "ddp", 2, "step-000001")
+
+
+def test_trainer_stopped_during_the_commit_still_commits(
+    nodes: Nodes, record_property: Callable[[str, object], None]
+) -> None:
+    for node in (0, 1):
+        nodes.start(node, "slow:0.3", "--workers", "1")
+    out = nodes.base / "out"
+    procs = nodes.run(WORKER, "wait", out, 2, wait=False)
+    marker = out / "snapshotted-0-2"
+    wait_until(marker.exists, 90, "rank 0's snapshot() to return")
+    pid = int(marker.read_text())
+    os.kill(pid, signal.SIGSTOP)  # the coordinator's trainer, while its daemon writes and commits
+    try:
+        run_dir = nodes.root / "ddp"
+        wait_until(lambda: read_latest(run_dir) == "step-000002", 60, "step 2 committed")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    nodes.wait(procs, out)
+    assert [result(out, r).get("path") for r in (0, 1)] == [str(run_dir / "step-000002")] * 2
+    assert ckptd.verify(run_dir / "step-000002") == []
+    record_property("committed", 1)
+
+
+def test_enospc_on_node1_fails_every_rank_naming_rank_1(nodes: Nodes) -> None:
+    nodes.start(0)
+    nodes.start(1, "enospc-write:2")
+    commit_step_1(nodes)
+    out = nodes.base / "out"
+    nodes.run(WORKER, "wait", out, 2, expect=(0, 1))
+    got = [result(out, r) for r in (0, 1)]
+    assert [g.get("code") for g in got] == ["io_error", "io_error"], got
+    assert got[0]["error"] == got[1]["error"]
+    assert "rank 1's part failed: [ENOSPC]" in got[0]["error"], got[0]["error"]
+    assert_nothing_visible(nodes.root / "ddp", 2, "step-000001")
+
+
+def test_coordinators_trainer_killed_after_its_daemon_accepted_commits(
+    nodes: Nodes, record_property: Callable[[str, object], None]
+) -> None:
+    nodes.start(0, "slow:0.3", "--workers", "1")  # rank 0's part is still being written when it dies
+    nodes.start(1)
+    out = nodes.base / "out"
+    nodes.run(WORKER, "kill-rank0", out, 2, expect=(1,))
+    run_dir = nodes.root / "ddp"
+    assert result(out, 1).get("path") == str(run_dir / "step-000002"), result(out, 1)
+    wait_until(lambda: read_latest(run_dir) == "step-000002", 30, "LATEST")
+    assert ckptd.verify(run_dir / "step-000002") == []
+    assert sorted(p.rank for p in read_manifest(run_dir / "step-000002").parts) == [0, 1]
+    record_property("committed", 1)

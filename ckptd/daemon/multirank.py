@@ -4,6 +4,7 @@ the parts become one checkpoint). Event loop only, except what runs in executors
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
@@ -495,10 +496,12 @@ class MultiRank:
             except OSError as e:
                 log.warning("[run=%s step=%s] cannot read the parts: %s", group.run, group.step, e)
                 found = {}
-            if found is None:  # T is gone: another daemon aborted the step
+            if found is None:  # T is gone: another daemon aborted the step (FAILED.json says why)
                 o = await loop.run_in_executor(None, shared.outcome, staged, group.job, 0)
-                self._resolve(group, o or shared.Outcome(message=f"{group.where}: aborted", code="abandoned"))
-                return
+                if o is not None:
+                    self._resolve(group, o)
+                    return
+                found = {}  # its FAILED.json is being written: look again
             for r, (part, record) in sorted(found.items()):
                 problem = self._part_problem(group, r, part)
                 if problem is not None:
@@ -682,5 +685,9 @@ class MultiRank:
             shared.clean_failed(pl.storage, failed)
 
         await loop.run_in_executor(None, clean)
-        await asyncio.sleep(shared.FAILED_DIR_KEPT_S)
-        await loop.run_in_executor(None, shared.remove_failed, pl.storage, failed)
+
+        def remove() -> None:  # not a task: a draining daemon does not wait for it
+            with contextlib.suppress(RuntimeError):  # the executor is gone: the next sweep does it
+                loop.run_in_executor(None, shared.remove_failed, pl.storage, failed)
+
+        loop.call_later(shared.FAILED_DIR_KEPT_S, remove)
