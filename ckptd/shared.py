@@ -34,6 +34,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -110,16 +111,30 @@ def staged_of(root: Path, run: str, step: int, job: str) -> commit.StagedCheckpo
     return commit.StagedCheckpoint(run_dir, step, run_dir / paths.temp_dirname(step, job))
 
 
-def failed_dir(staged: commit.StagedCheckpoint) -> Path:
-    return staged.temp_dir.with_name(staged.temp_dir.name + FAILED_SUFFIX)
+def failed_name(staged: commit.StagedCheckpoint, rank: int | None, what: str, node: str) -> str:
+    """``<T>.failed.<rank>.<what>.<node>``: the abort's reason, in its name, for when not even
+    ``FAILED.json`` can be written (ENOSPC); a rename needs no data blocks."""
+    return f"{staged.temp_dir.name}{FAILED_SUFFIX}.{'x' if rank is None else rank}.{what}.{node or 'x'}"
+
+
+def failed_dir(staged: commit.StagedCheckpoint) -> Path | None:
+    """The step's ``.failed`` directory, if it was aborted."""
+    prefix = staged.temp_dir.name + FAILED_SUFFIX + "."
+    try:
+        names = sorted(n for n in os.listdir(staged.run_dir) if n.startswith(prefix))
+    except FileNotFoundError:
+        return None
+    found = [staged.run_dir / n for n in names if safeio.lstat_kind(staged.run_dir / n) == "a directory"]
+    return found[0] if found else None
 
 
 def stage(storage: Storage, root: Path, info: JobInfo) -> commit.StagedCheckpoint:
     """Make the step's temp directory, or join the one another daemon made (a real directory, not
     a link); the maker writes ``parts/job.json``. ``StepFailed`` when the step was aborted already."""
     staged = staged_of(root, info.run, info.step, info.job)
-    if os.path.lexists(failed_dir(staged)):
-        raise StepFailed(_read_failed(staged, info.step))
+    failed = failed_dir(staged)
+    if failed is not None:
+        raise StepFailed(_read_failed(failed, info.step))
     try:
         staged = commit.stage(storage, root, info.run, info.step, nonce=info.job)
     except FileExistsError:
@@ -271,14 +286,14 @@ def outcome(staged: commit.StagedCheckpoint, job: str, rank: int) -> Outcome | N
     except (OSError, ValidationError, ManifestError):
         pass
     failed = failed_dir(staged)
-    if safeio.lstat_kind(failed) == "a directory":
-        found = _read_failed(staged, staged.step)
-        if found.code != "abandoned":
+    if failed is not None:
+        found = _read_failed(failed, staged.step, complete=False)
+        if found is not None:
             return found
         with contextlib.suppress(OSError):  # the aborter may be writing FAILED.json right now
-            if time.time() - os.stat(failed).st_ctime < 5.0:
+            if time.time() - os.stat(failed).st_ctime < 2.0:
                 return None
-        return found
+        return _read_failed(failed, staged.step)
     return _abandoned(staged.step)
 
 
@@ -292,10 +307,12 @@ def abort(
     code: str,
     err: int | None = None,
     node: str = "",
+    failed_rank: int | None = None,
 ) -> Outcome:
     """Fail the step: rename ``T`` to its ``.failed`` name, say why in it, remove the data. When
     another daemon decided first, its outcome (a commit, or its failure) is returned instead."""
-    failed = failed_dir(staged)
+    what = errno_mod.errorcode.get(err, code) if err is not None else code
+    failed = staged.run_dir / failed_name(staged, failed_rank, what, node)
     try:
         storage.rename(staged.temp_dir, failed)
     except FileNotFoundError:  # decided already: what did the rename leave?
@@ -311,7 +328,7 @@ def abort(
         # Aborted before, and this T was made again by a late part: it can never commit.
         with contextlib.suppress(OSError):
             storage.remove_tree(staged.temp_dir)
-        return _read_failed(staged, staged.step)
+        return _read_failed(failed, staged.step)
     with contextlib.suppress(OSError):
         storage.fsync_dir(staged.run_dir)
     said = Outcome(message=message, code=code, errno=err)
@@ -358,9 +375,15 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _read_failed(staged: commit.StagedCheckpoint, step: int) -> Outcome:
+@overload
+def _read_failed(failed: Path, step: int) -> Outcome: ...
+@overload
+def _read_failed(failed: Path, step: int, complete: bool) -> Outcome | None: ...
+def _read_failed(failed: Path, step: int, complete: bool = True) -> Outcome | None:
+    """Why the step failed: its ``FAILED.json``; without one (not written yet, or it could not
+    be: no space), what the directory's name says (unless not ``complete``: then None)."""
     try:
-        fd = safeio.open_regular(failed_dir(staged) / FAILED_FILE, 1 << 20)
+        fd = safeio.open_regular(failed / FAILED_FILE, 1 << 20)
         try:
             raw = json.loads(_read_all(fd))
         finally:
@@ -371,7 +394,17 @@ def _read_failed(staged: commit.StagedCheckpoint, step: int) -> Outcome:
             errno=raw["errno"] if isinstance(raw.get("errno"), int) else None,
         )
     except (OSError, ValueError, KeyError, TypeError):
-        return _abandoned(step)
+        if not complete:
+            return None
+    rank, what, node = [*failed.name.rpartition(FAILED_SUFFIX + ".")[2].split(".", 2), "x", "x", "x"][:3]
+    err = getattr(errno_mod, what, None) if what.startswith("E") else None
+    who = f"rank {rank}'s part failed" if rank.isdigit() else "the step was aborted"
+    return Outcome(
+        message=f"step {step}: {who}: [{what}] on node {node!r} (its daemon could not say more in "
+        f"{FAILED_FILE}: see its log); nothing was committed, older checkpoints are intact",
+        code="io_error" if isinstance(err, int) else what,
+        errno=err if isinstance(err, int) else None,
+    )
 
 
 def _abandoned(step: int) -> Outcome:
@@ -422,7 +455,7 @@ def _sweep_one(storage: Storage, run_dir: Path, p: Path, node: str, now: float) 
     if nonce.startswith(LOCAL_PREFIX):
         if not nonce.startswith(f"{LOCAL_PREFIX}{node}-"):
             return False  # another node's single-process snapshot (its daemon sweeps it)
-    elif nonce.endswith(FAILED_SUFFIX) or nonce.startswith("pruned-"):
+    elif FAILED_SUFFIX + "." in nonce or nonce.startswith("pruned-"):
         pass
     elif _JOB.match(nonce) and step is not None:
         info = read_job(p)
@@ -449,7 +482,9 @@ def _sweep_one(storage: Storage, run_dir: Path, p: Path, node: str, now: float) 
                 code="parts_missing",
                 node=node,
             )
-            remove_failed(storage, failed_dir(staged))
+            failed = failed_dir(staged)
+            if failed is not None:
+                remove_failed(storage, failed)
             return True
     elif now - os.stat(p).st_ctime < IN_PROGRESS_S:
         return False

@@ -430,6 +430,7 @@ class MultiRank:
                     code=e.code,
                     err=e.errno,
                     node=pl.options.node_id,
+                    failed_rank=e.rank,
                 ),
             )
         except OSError as err:
@@ -677,14 +678,19 @@ class MultiRank:
         FAILED.json, which the other daemons read) after ``FAILED_DIR_KEPT_S``."""
         pl, loop = self.pipeline, asyncio.get_running_loop()
         staged = self._shared_staged(group)
-        failed = shared.failed_dir(staged)
 
-        def clean() -> None:
-            if staged.temp_dir.is_dir() and not staged.temp_dir.is_symlink() and failed.is_dir():
+        def clean() -> Path | None:
+            failed = shared.failed_dir(staged)
+            if failed is None:
+                return None
+            if staged.temp_dir.is_dir() and not staged.temp_dir.is_symlink():
                 commit.discard(pl.storage, staged)  # made again by a late part: it can never commit
             shared.clean_failed(pl.storage, failed)
+            return failed
 
-        await loop.run_in_executor(None, clean)
+        failed = await loop.run_in_executor(None, clean)
+        if failed is None:
+            return
 
         def remove() -> None:  # not a task: a draining daemon does not wait for it
             with contextlib.suppress(RuntimeError):  # the executor is gone: the next sweep does it

@@ -49,10 +49,11 @@ Key = tuple[str, int, str]  # run, step, job
 class PartFailed(RuntimeError):
     """A multi-rank step that cannot commit: one rank's part failed, or some never arrived."""
 
-    def __init__(self, message: str, code: str, errno: int | None = None) -> None:
+    def __init__(self, message: str, code: str, errno: int | None = None, rank: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.errno = errno
+        self.rank = rank  # the rank whose part failed, when one did
 
 
 def layout_digest(layout: PreparedLayout) -> str:
@@ -180,8 +181,11 @@ def failure_of(rank: int, where: str, e: BaseException) -> PartFailed:
             "committed, older checkpoints are intact",
             "io_error",
             e.errno,
+            rank,
         )
-    return PartFailed(f"{where}: rank {rank}'s part failed: {e}; nothing was committed", "part_failed")
+    return PartFailed(
+        f"{where}: rank {rank}'s part failed: {e}; nothing was committed", "part_failed", rank=rank
+    )
 
 
 def write_part(storage: Storage, staged: commit.StagedCheckpoint, part: PartManifest) -> FileRecord:
