@@ -569,8 +569,10 @@ SCENARIOS = [
         "Two nodes: a daemon SIGKILLed mid-save and restarted on one node",
         "Node 1's daemon (writes slowed) SIGKILLed while its part is written and started again on "
         "the same root and node id: it sweeps nothing of the step node 0 still holds, step 1 intact "
-        "and LATEST unchanged, step 2 fails on both ranks (node 0's naming rank 1), step 3 commits.",
-        r"test_multinode\.py::test_daemon_restarted",
+        "and LATEST unchanged, step 2 fails on both ranks (node 0's naming rank 1), step 3 commits; "
+        "a daemon starting on a shared root keeps the other node's single-process, in-flight, "
+        "one-daemon and leased temp directories and removes only its own, `.failed` and dead ones.",
+        r"test_multinode\.py::(test_daemon_restarted|test_start_up_sweep)",
     ),
     Scenario(
         "Two nodes: kill matrix (trainers, daemons, SIGSTOP, ENOSPC)",

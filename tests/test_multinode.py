@@ -446,3 +446,50 @@ def test_coordinators_trainer_killed_after_its_daemon_accepted_commits(
     assert ckptd.verify(run_dir / "step-000002") == []
     assert sorted(p.rank for p in read_manifest(run_dir / "step-000002").parts) == [0, 1]
     record_property("committed", 1)
+
+
+# --- start-up sweeps of a shared root ------------------------------------------------------------------
+
+
+def test_start_up_sweep_of_a_shared_root_leaves_other_nodes_work(
+    start_daemon: Callable[..., Any], workdir: Path
+) -> None:
+    n0 = start_daemon("--node-id", "n0")  # its lock file makes the root shared
+    run_dir = n0.root / "r"
+    run_dir.mkdir()
+    now = time.time()
+
+    def temp(name: str, job: shared.JobInfo | None = None, age_s: float = 0) -> Path:
+        p = run_dir / name
+        (p / "parts").mkdir(parents=True)
+        (p / "model.safetensors").write_bytes(b"x" * 100)
+        if job is not None:
+            (p / "parts" / shared.JOB_FILE).write_text(job.model_dump_json())
+            os.utime(p / "parts" / shared.JOB_FILE, (now - age_s, now - age_s))
+        return p
+
+    def info(job: str, nodes: int, node: str, deadline: float) -> shared.JobInfo:
+        return shared.JobInfo(
+            job=job, run="r", step=1, world_size=2, nodes=nodes, node=node, deadline_unix=deadline
+        )
+
+    keep = [
+        temp("step-000001.ckptd-tmp-node-n0-0a0b0c0d"),  # n0's single-process snapshot
+        temp("step-000002.ckptd-tmp-aaaaaaaaaaaaaaaa", info("a" * 16, 2, "n0", now + 60)),  # in flight
+        temp("step-000003.ckptd-tmp-bbbbbbbbbbbbbbbb", info("b" * 16, 1, "n0", now - 999), 999),  # n0's job
+        temp("step-000004.ckptd-tmp-cccccccccccccccc", info("c" * 16, 2, "n1", now - 999)),  # lease fresh
+        temp("step-000005.ckptd-tmp-dddddddddddddddd"),  # just made: its job.json is on its way
+    ]
+    fresh_latest = run_dir / "LATEST.ckptd-tmp-01234567"
+    fresh_latest.write_text("step-000001\n")
+    keep.append(fresh_latest)
+    gone = [
+        temp("step-000006.ckptd-tmp-node-n1-0a0b0c0d"),  # n1's own, from before its restart
+        temp("step-000007.ckptd-tmp-eeeeeeeeeeeeeeee.failed.1.ENOSPC.n0"),
+        temp("step-000008.ckptd-tmp-ffffffffffffffff", info("f" * 16, 2, "n0", now - 999), 999),  # dead
+        temp("step-000009.ckptd-tmp-9999999999999999", info("9" * 16, 1, "n1", now + 60)),  # n1's job
+    ]
+    start_daemon("--node-id", "n1", root=n0.root)
+    assert [p.name for p in keep if not os.path.lexists(p)] == []
+    assert [p.name for p in gone if os.path.lexists(p)] == []
+    assert not [p.name for p in run_dir.iterdir() if "step-000008" in p.name]  # aborted, then removed
