@@ -11,7 +11,8 @@ The rename of ``T`` is the decision, and exactly one rename of it can succeed:
 
 - commit: the coordinator (the daemon holding rank 0's part), once it has read every part
   manifest, renames ``T`` to ``step-N``;
-- abort: any daemon renames ``T`` to ``step-N.ckptd-tmp-<job>.failed`` (still a temp name), then
+- abort: any daemon renames ``T`` to ``step-N.ckptd-tmp-<job>.failed.<rank>.<what>.<node>``
+  (still a temp name; the name says why even where nothing more can be written: ENOSPC), then
   writes ``FAILED.json`` in it (code, message naming the rank and why) and removes the data.
 
 A daemon that loses the race learns the outcome from what the rename left (``outcome``): a
