@@ -173,6 +173,9 @@ class Snapshot(Message):
     # files: ``(global shard index, start in that shard's data section, bytes, slot offset)``.
     # The ranks' pieces tile every shard's data exactly once (checked before a byte is written).
     pieces: list[tuple[int, int, int, int]] | None = None
+    # The daemons (nodes) that write the job's parts into one shared root (protocol 6): with more
+    # than one, the daemons agree through the step's temp directory (``ckptd/shared.py``).
+    nodes: int = 1
 
 
 class Staged(Message):

@@ -512,6 +512,10 @@ class Client:
         """Ranks whose snapshots of a step make one checkpoint (1: this process alone)."""
         return 1 if self._ranks is None else self._ranks.world_size
 
+    def _nodes(self) -> int:
+        """The daemons (one per node, one shared root) that write this job's parts."""
+        return 1 if self._topology is None else self._topology.daemons
+
     def _part(self, plan: Plan) -> tuple[dict[str, object], list[tuple[int, int]]] | None:
         """Under torchrun: this rank's part of a snapshot of ``plan`` (the request's multi-rank
         fields, and the placements it copies, as ranges); None for one process."""
@@ -525,6 +529,7 @@ class Client:
                 "job": ranks.job,
                 "pieces": [list(p) for p in plan.pieces],
                 "commit_timeout_s": float(self.options.commit_timeout_s),
+                "nodes": self._nodes(),
             }
             self._owned = (plan, fields_, list(plan.mine))
         if self._owned is None or self._owned[0] is not plan:
@@ -540,6 +545,7 @@ class Client:
                 "job": ranks.job,
                 "owned": owned,
                 "commit_timeout_s": float(self.options.commit_timeout_s),
+                "nodes": self._nodes(),
             }
             self._owned = (plan, fields_, [spans[i] for i in owned])
         return self._owned[1], self._owned[2]
@@ -920,17 +926,9 @@ def _mine(
 def _topology(ranks: ranks_mod.Ranks, welcome: Welcome, root: str) -> topology.Topology:
     """The daemons of this job (a collective), refused where this version cannot commit it."""
     topo = topology.discover(ranks, socket.gethostname(), welcome.instance, root)
-    if topo.single:
+    if topo.single or topo.shared_root:  # several daemons of one root: they commit together
         return topo
-    if topo.shared_root:
-        raise CheckpointError(
-            f"the ranks of this job reach {topo.daemons} ckptd daemons sharing the root {root}; "
-            "this ckptd version commits a multi-rank step in one daemon: run every rank on one "
-            "node with one daemon (CKPTD_SOCKET), or pass process_group=False to checkpoint each "
-            "rank on its own",
-            code="multi_node",
-        )
-    return topo  # node-local roots: each node commits its own copy (client/noderoots.py)
+    return topo  # shared root (the daemons join one temp dir) or node-local (client/noderoots.py)
 
 
 _SHARDED_NODE_LOCAL = (

@@ -53,6 +53,7 @@ FILES = [
     "tests/test_multinode_local.py",
     "tests/test_multirank_noncontig.py",
     "tests/test_multirank_stall.py",
+    "tests/test_multinode.py",
 ]
 
 
@@ -599,6 +600,35 @@ SCENARIOS = [
         "restore bit-exact (CPU; CUDA with gpu); 2 ranks' from_local shards saved bit-exact, on CUDA "
         "through the pinned side-stream path with in-place updates queued after snapshot() returned.",
         r"test_multirank_stall\.py::test_(cuda_)?(dtensor_on_a_one|local_shards)",
+    ),
+    Scenario(
+        "Two nodes, one shared root: DDP and FSDP2 steps committed once",
+        "Two daemons (`--node-id n0`/`n1`) of one root, two `torchrun --nnodes 2` launchers on one "
+        "host: a DDP step is one step directory, one commit by rank 0's daemon (the other learns it "
+        "from the root), the manifest names which rank wrote what, `from_pretrained` and "
+        "`restore()` bit-exact, nothing swept; an FSDP2 step is consolidated by both nodes' "
+        "daemons, `from_pretrained` and a two-node `restore()` bit-exact.",
+        r"test_multinode\.py::(test_ddp_two_nodes|test_fsdp_two_nodes)",
+    ),
+    Scenario(
+        "Two nodes: a daemon SIGKILLed mid-save and restarted on one node",
+        "Node 1's daemon (writes slowed) SIGKILLed while its part is written and started again on "
+        "the same root and node id: it sweeps nothing of the step node 0 still holds, step 1 intact "
+        "and LATEST unchanged, step 2 fails on both ranks (node 0's naming rank 1), step 3 commits; "
+        "a daemon starting on a shared root keeps the other node's single-process, in-flight, "
+        "one-daemon and leased temp directories and removes only its own, `.failed` and dead ones.",
+        r"test_multinode\.py::(test_daemon_restarted|test_start_up_sweep)",
+    ),
+    Scenario(
+        "Two nodes: kill matrix (trainers, daemons, SIGSTOP, ENOSPC)",
+        "Every trainer SIGKILLed after all snapshot()s returned: committed; node 1's trainer "
+        "SIGKILLed before its snapshot(): node 0's handle fails within the commit timeout naming "
+        "rank 1, nothing visible, LATEST unchanged, temp data removed; node 1's daemon SIGKILLed "
+        "mid-write: node 0's handle fails (no hang), nothing visible; rank 0's trainer SIGSTOPped "
+        "during the commit: committed; ENOSPC on node 1: both ranks fail naming rank 1 and ENOSPC, "
+        "nothing visible; rank 0's trainer SIGKILLed after its daemon accepted: committed.",
+        r"test_multinode\.py::(test_every_trainer|test_node1_|test_trainer_stopped|test_enospc|"
+        r"test_coordinators)",
     ),
 ]
 

@@ -7,12 +7,13 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ckptd import commit
+from ckptd import commit, shared
 from ckptd.daemon import sharded
+from ckptd.daemon.multinode import SharedSteps
 from ckptd.daemon.parts import (
     FAILED_KEPT_S,
     Group,
@@ -41,7 +42,7 @@ _JOB = re.compile(r"^[0-9a-f]{8,64}$")
 MAX_COMMIT_TIMEOUT_S = 24 * 3600.0
 
 
-class MultiRank:
+class MultiRank(SharedSteps):
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
         self.groups: dict[Key, Group] = {}
@@ -54,11 +55,12 @@ class MultiRank:
             not _JOB.match(req.job)
             or (req.owned is None) == (req.pieces is None)
             or req.commit_timeout_s <= 0
+            or not 1 <= req.nodes <= req.world_size
         ):
             self._refuse(
                 job,
                 "a multi-rank part needs a job uid (hex), its owned shards or its pieces (one of "
-                "them) and commit_timeout_s > 0",
+                "them), commit_timeout_s > 0 and 1 <= nodes <= world_size",
             )
             return
         if key in self.failed:
@@ -71,9 +73,11 @@ class MultiRank:
         problem = group.admit(job)
         if problem is not None:
             self._refuse(job, f"{group.where}: {problem}; nothing was committed")
-            self._fail(
-                group, PartFailed(f"{group.where}: {problem}; nothing was committed", "invalid_request")
-            )
+            failure = PartFailed(f"{group.where}: {problem}; nothing was committed", "invalid_request")
+            if group.nodes > 1:  # the other daemons learn it from the abort
+                self._spawn(self._decide_and_fail(group, failure), f"abort {key}")
+            else:
+                self._fail(group, failure)
             return
         job.nbytes = part_bytes(job)
         job.stage_timeout_s = pl.options.stage_timeout_s
@@ -83,9 +87,14 @@ class MultiRank:
         job.arena.acquire()
         if len(group.jobs) == group.world_size and group.timer is not None:
             group.timer.cancel()
-        task = asyncio.create_task(self._run(group, job), name=f"snapshot {key} rank {req.rank}")
+        self._spawn(self._run(group, job), f"snapshot {key} rank {req.rank}")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        pl = self.pipeline
+        task = asyncio.create_task(coro, name=name)
         pl._tasks.add(task)
         task.add_done_callback(pl._tasks.discard)
+        return task
 
     def _new_group(self, job: Job) -> Group:
         req, pl = job.request, self.pipeline
@@ -102,6 +111,8 @@ class MultiRank:
             done=done,
             outcome=loop.create_future(),
             sharded=req.pieces is not None,
+            nodes=req.nodes,
+            deadline_unix=time.time() + min(req.commit_timeout_s, MAX_COMMIT_TIMEOUT_S),
         )
         group.outcome.add_done_callback(lambda f: f.exception())  # retrieved even if no part awaits
         pl._tails[req.run] = done
@@ -124,6 +135,9 @@ class MultiRank:
         job.reply(failure)
 
     def _expire(self, group: Group, timeout_s: float) -> None:
+        if group.nodes > 1:
+            self._spawn(self._expire_shared(group, timeout_s), f"expire {group.key}")
+            return
         missing = group.missing()
         if not missing or group.outcome.done():
             return
@@ -164,6 +178,10 @@ class MultiRank:
         if self.groups.get(group.key) is group:
             del self.groups[group.key]
         staging = group.staging
+        if group.nodes > 1:  # aborted (renamed .failed): its data goes, FAILED.json a while later
+            if staging is not None:
+                self._spawn(self._clean_shared(group), f"clean {group.key}")
+            return
         if staging is not None and staging.done() and staging.exception() is None:
             staged = staging.result()
             loop = asyncio.get_running_loop()
@@ -172,19 +190,27 @@ class MultiRank:
     async def _staged(self, group: Group, job: Job) -> commit.StagedCheckpoint:
         if group.staging is None:
             loop = asyncio.get_running_loop()
-            stage: Callable[[str, int, str | None], commit.StagedCheckpoint] = self.pipeline._stage
-            if group.sharded:  # and every consolidated file created, with its header, once
-                storage, layout = self.pipeline.storage, job.layout
-
-                def stage_sharded(run: str, step: int, nonce: str | None) -> commit.StagedCheckpoint:
-                    staged = self.pipeline._stage(run, step, nonce)
-                    sharded.create_files(storage, staged, layout)
-                    return staged
-
-                stage = stage_sharded
-            group.staging = asyncio.ensure_future(
-                loop.run_in_executor(None, stage, group.run, group.step, group.job)
+            pl = self.pipeline
+            storage, layout = pl.storage, job.layout
+            info = shared.JobInfo(
+                job=group.job,
+                run=group.run,
+                step=group.step,
+                world_size=group.world_size,
+                nodes=group.nodes,
+                node=pl.options.node_id,
+                deadline_unix=group.deadline_unix,
             )
+
+            def stage() -> commit.StagedCheckpoint:
+                # Made here, or joined (another node's daemon made it); with job.json for sweeps.
+                pl._check_root()
+                staged = shared.stage(storage, pl.options.root, info)
+                if group.sharded:  # every consolidated file, with its header: create-or-open
+                    sharded.create_files(storage, staged, layout, shared=group.nodes > 1)
+                return staged
+
+            group.staging = asyncio.ensure_future(loop.run_in_executor(None, stage))
         return await asyncio.shield(group.staging)
 
     async def _write_pieces(self, job: Job, staged: commit.StagedCheckpoint) -> list[PartRange]:
@@ -237,6 +263,9 @@ class MultiRank:
         try:
             try:
                 staged = await self._staged(group, job)
+                if group.nodes > 1:  # the other daemons see this part is being written
+                    await loop.run_in_executor(None, shared.mark_writing, pl.storage, staged, req.rank)
+                    self._keep_writing(group, staged)
                 job.mark("writing")
                 job.reply(Progress(id=req.id, stage="writing", bytes_written=0))
                 ranges: list[PartRange] = []
@@ -257,35 +286,27 @@ class MultiRank:
                     ranges=ranges,
                 )
                 sealed = await loop.run_in_executor(None, write_part, pl.storage, staged, part)
+                if group.nodes > 1:
+                    await loop.run_in_executor(None, shared.unmark_writing, pl.storage, staged, req.rank)
                 job.mark("synced")
             except Exception as e:
                 raise failure_of(req.rank, group.where, await pl._root_verdict(e)) from e
             group.parts[req.rank] = part
             group.sealed[req.rank] = sealed
-            if len(group.parts) == group.world_size and not group.outcome.done():
-                await self._commit(group, staged)
-            path = await asyncio.shield(group.outcome)
-            job.mark("committed")
-            job.reply(
-                Committed(
-                    id=req.id,
-                    run=req.run,
-                    step=req.step,
-                    path=str(path),
-                    bytes=sum(p.bytes for p in group.parts.values()),
-                    checksums=group.checksums,
-                    timings=job.timings,
-                )
-            )
+            await self._sealed(group, staged, req.rank)
+            self._reply_committed(group, job, await asyncio.shield(group.outcome))
         except PartFailed as e:
-            self._fail(group, e)
+            await self._decide_and_fail(group, e)
+            if group.outcome.done() and group.outcome.exception() is None:  # another daemon committed
+                self._reply_committed(group, job, group.outcome.result())
+                return
             first = group.outcome.exception()
             failure = first if isinstance(first, PartFailed) else e
             job.mark("failed")
             job.reply(Failed(id=req.id, code=failure.code, message=str(failure), errno=failure.errno))
         except Exception as e:  # every failure is reported to every rank, never swallowed
             log.exception("[run=%s step=%s] rank %s", req.run, req.step, req.rank)
-            self._fail(group, failure_of(req.rank, group.where, e))
+            await self._decide_and_fail(group, failure_of(req.rank, group.where, e))
             job.mark("failed")
             job.reply(Failed(id=req.id, code="internal_error", message=f"{group.where}: {e}"))
         finally:
@@ -293,6 +314,35 @@ class MultiRank:
             group.writing -= 1
             pl._untrack(job)
             self._settle(group)
+
+    async def _sealed(self, group: Group, staged: commit.StagedCheckpoint, rank: int) -> None:
+        """A local part is durable: commit once every part is, or (several daemons) coordinate
+        (rank 0's daemon) or watch for the outcome another daemon decides."""
+        if group.outcome.done():
+            return
+        if group.nodes > 1:
+            if rank == 0:  # this daemon coordinates: it reads the other daemons' parts
+                await self._coordinate(group, staged)
+            elif group.watcher is None:
+                group.watcher = self._spawn(self._watch(group, staged, rank), f"watch {group.key}")
+        elif len(group.parts) == group.world_size:
+            await self._commit(group, staged)
+
+    def _reply_committed(self, group: Group, job: Job, path: Path) -> None:
+        req = job.request
+        job.mark("committed")
+        nbytes = group.nbytes if group.nbytes is not None else sum(p.bytes for p in group.parts.values())
+        job.reply(
+            Committed(
+                id=req.id,
+                run=req.run,
+                step=req.step,
+                path=str(path),
+                bytes=nbytes,
+                checksums=group.checksums,
+                timings=job.timings,
+            )
+        )
 
     async def _commit(self, group: Group, staged: commit.StagedCheckpoint) -> None:
         """All parts are durable: commit the step once (the part that completed the group)."""
@@ -313,7 +363,7 @@ class MultiRank:
             path: Path = await loop.run_in_executor(None, pl._commit, staged)
         except Exception as e:
             e = await pl._root_verdict(e)
-            self._fail(
+            await self._decide_and_fail(
                 group,
                 PartFailed(
                     f"{group.where}: the commit failed: {e}; nothing was committed",

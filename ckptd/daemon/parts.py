@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ckptd import checksum, commit
+from ckptd import checksum, commit, shared
 from ckptd.daemon import sharded
 from ckptd.daemon.layouts import PreparedLayout
 from ckptd.manifest import ComponentRecord, FileRecord, PartRecord
@@ -49,10 +49,11 @@ Key = tuple[str, int, str]  # run, step, job
 class PartFailed(RuntimeError):
     """A multi-rank step that cannot commit: one rank's part failed, or some never arrived."""
 
-    def __init__(self, message: str, code: str, errno: int | None = None) -> None:
+    def __init__(self, message: str, code: str, errno: int | None = None, rank: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.errno = errno
+        self.rank = rank  # the rank whose part failed, when one did
 
 
 def layout_digest(layout: PreparedLayout) -> str:
@@ -106,6 +107,14 @@ class Group:
     started: float = field(default_factory=time.monotonic)
     hash_s: float = 0.0  # of a sharded step: reading its files back for their checksums
     sharded: bool = False  # parts send pieces of the consolidated files (ckptd/daemon/sharded.py)
+    nodes: int = 1  # daemons writing the step's parts into one shared root (ckptd/shared.py)
+    deadline_unix: float = 0.0  # the first part here + commit_timeout_s (wall clock, for sweeps)
+    nbytes: int | None = None  # of every part, when another daemon committed (from its manifest)
+    watcher: asyncio.Task[None] | None = None  # polls the outcome another daemon decides
+    touching: bool = False  # a task touches the markers of the parts this daemon writes
+    #: Of the parts other daemons write: the last mtime of each one's marker, and when it moved.
+    writing_seen: dict[int, tuple[float, float]] = field(default_factory=dict)
+    lease_seen: tuple[float, float] | None = None  # the same of job.json (the coordinator's lease)
 
     @property
     def key(self) -> Key:
@@ -161,6 +170,9 @@ def failure_of(rank: int, where: str, e: BaseException) -> PartFailed:
     """A rank's own failure, as every rank of the step is told it."""
     if isinstance(e, PartFailed):
         return e
+    if isinstance(e, shared.StepFailed):  # aborted by another daemon already: its reason
+        o = e.outcome
+        return PartFailed(o.message, o.code or "part_failed", o.errno)
     if isinstance(e, OSError) and e.errno is not None:
         name = errno_mod.errorcode.get(e.errno, str(e.errno))
         target = f" ({e.filename})" if e.filename else ""
@@ -169,8 +181,11 @@ def failure_of(rank: int, where: str, e: BaseException) -> PartFailed:
             "committed, older checkpoints are intact",
             "io_error",
             e.errno,
+            rank,
         )
-    return PartFailed(f"{where}: rank {rank}'s part failed: {e}; nothing was committed", "part_failed")
+    return PartFailed(
+        f"{where}: rank {rank}'s part failed: {e}; nothing was committed", "part_failed", rank=rank
+    )
 
 
 def write_part(storage: Storage, staged: commit.StagedCheckpoint, part: PartManifest) -> FileRecord:

@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptd import __version__, commit
+from ckptd import __version__, commit, shared
 from ckptd.daemon.arenas import Arena
 from ckptd.daemon.layouts import PreparedLayout
 from ckptd.daemon.metrics import Metrics
@@ -50,6 +50,7 @@ class PipelineOptions:
     budget_bytes: int = 4 * 2**30  # bytes of snapshots being written at once
     keep_last: int = 0  # committed steps kept per run; 0 keeps all
     stage_timeout_s: float = STAGE_TIMEOUT_S  # the longest a streamed snapshot may take to be copied
+    node_id: str = ""  # this daemon's node: it names the single-process temp directories
 
 
 class Abandoned(RuntimeError):
@@ -351,6 +352,8 @@ class Pipeline:
 
     def _stage(self, run: str, step: int, nonce: str | None = None) -> commit.StagedCheckpoint:
         self._check_root()
+        if nonce is None and self.options.node_id:  # swept by this node's daemon only
+            nonce = shared.local_nonce(self.options.node_id)
         return commit.stage(self.storage, self.options.root, run, step, nonce=nonce)
 
     def _commit(self, staged: commit.StagedCheckpoint) -> Path:

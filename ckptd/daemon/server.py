@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptd import commit, nodes, sockdir
+from ckptd import nodes, shared, sockdir
 from ckptd.daemon import connection, heartbeat
 from ckptd.daemon.connection import MAX_ARENAS, Connection
 from ckptd.daemon.health import Health
@@ -84,6 +84,7 @@ class Daemon:
                 budget_bytes=options.budget_bytes,
                 keep_last=options.keep_last,
                 stage_timeout_s=options.stage_timeout_s,
+                node_id=options.node_id,
             ),
             self.storage,
             self.metrics,
@@ -162,7 +163,7 @@ class Daemon:
             )
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name, dir_fd=self._sock_dir_fd)  # stale: nobody answers on it, and we hold the lock
-        for p in commit.sweep(self.storage, opts.root):
+        for p in shared.sweep(self.storage, opts.root, opts.node_id):  # never another node's work
             log.info("swept leftover %s", p)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old = os.umask(0o177)

@@ -66,12 +66,21 @@ def tile_problem(parts: Mapping[int, Sequence[Piece]], sizes: Sequence[int]) -> 
     return None
 
 
-def create_files(storage: Storage, staged: commit.StagedCheckpoint, layout: PreparedLayout) -> None:
-    """Every shard file of the step with its header, durable (executor; once per step)."""
+def create_files(
+    storage: Storage, staged: commit.StagedCheckpoint, layout: PreparedLayout, *, shared: bool = False
+) -> None:
+    """Every shard file of the step with its header, durable (executor; once per step). With
+    ``shared`` (several daemons write the step) each is create-or-open: a file another daemon
+    made is left as it is (its header bytes are the same on every rank; never truncated)."""
     dirs = [c.files.dir for c in layout.components if c.files.dir]
     commit.make_dirs(storage, staged, dirs)
     for path, header in shard_paths(layout):
-        fd = storage.create(staged.temp_dir / path)
+        try:
+            fd = storage.create(staged.temp_dir / path)
+        except FileExistsError:
+            if not shared:
+                raise
+            continue  # another node's daemon made it, and writes its header
         try:
             storage.write_all(fd, header, 0)
             storage.fsync(fd)
