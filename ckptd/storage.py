@@ -50,6 +50,18 @@ class Storage:
         process of another user that follows a link into it gets ``PermissionError``."""
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
 
+    def create_shared(self, path: Path) -> int:
+        """Open a new file that several writers will open again (a consolidated file of a sharded
+        step, which every rank's part writes its own ranges of): owner-writable (0600) until
+        ``seal_file`` once every part is durable. A daemon that is not root could not reopen a
+        0444 file for writing."""
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+
+    def seal_file(self, path: Path) -> None:
+        """Make a finished file read-only (0444), as ``create`` makes the others; a link is not
+        followed."""
+        os.chmod(path, FILE_MODE, follow_symlinks=False)
+
     def open_write(self, path: Path) -> int:
         """Open an existing file for writing (a consolidated file of a sharded step, which every
         rank's part writes its own ranges of); a link is not followed."""

@@ -54,6 +54,7 @@ FILES = [
     "tests/test_multirank_noncontig.py",
     "tests/test_multirank_stall.py",
     "tests/test_multinode.py",
+    "tests/test_multirank_users.py",
 ]
 
 
@@ -629,6 +630,14 @@ SCENARIOS = [
         "nothing visible; rank 0's trainer SIGKILLed after its daemon accepted: committed.",
         r"test_multinode\.py::(test_every_trainer|test_node1_|test_trainer_stopped|test_enospc|"
         r"test_coordinators)",
+    ),
+    Scenario(
+        "FSDP2 job of a user who is not root",
+        "The daemon and both ranks run as uid 65534 (setpriv): the ranks' slices are written into "
+        "consolidated files the daemon reopens for each part (owner-writable until every part is "
+        "durable, then sealed 0444); the step commits and verifies. Before: EACCES for every user "
+        "but root.",
+        r"test_multirank_users\.py::",
     ),
 ]
 

@@ -251,7 +251,10 @@ class MultiRank(SharedSteps):
         started = time.monotonic()
         paths = sharded.shard_paths(group.jobs[0].layout)
         records = await asyncio.gather(
-            *(loop.run_in_executor(pl._pool, sharded.hash_file, staged.temp_dir, p) for p, _ in paths)
+            *(
+                loop.run_in_executor(pl._pool, sharded.seal_and_hash, pl.storage, staged.temp_dir, p)
+                for p, _ in paths
+            )
         )
         group.hash_s = time.monotonic() - started
         return dict(enumerate(records))

@@ -76,7 +76,7 @@ def create_files(
     commit.make_dirs(storage, staged, dirs)
     for path, header in shard_paths(layout):
         try:
-            fd = storage.create(staged.temp_dir / path)
+            fd = storage.create_shared(staged.temp_dir / path)
         except FileExistsError:
             if not shared:
                 raise
@@ -115,8 +115,10 @@ def write_pieces(  # noqa: PLR0917 - one file's ranges of one part, in a writer 
     return ranges
 
 
-def hash_file(base: Path, path: str) -> FileRecord:
-    """The record of one finished shard file: read back and hashed once (executor)."""
+def seal_and_hash(storage: Storage, base: Path, path: str) -> FileRecord:
+    """The record of one finished shard file (every part durable): made read-only, then read
+    back and hashed once (executor)."""
+    storage.seal_file(base / path)
     fd = open_regular(base / path)
     try:
         digest, size = checksum.of_fd(fd)
