@@ -52,6 +52,7 @@ FILES = [
     "tests/test_multirank_fsdp.py",
     "tests/test_multinode_local.py",
     "tests/test_multirank_noncontig.py",
+    "tests/test_review_i11.py",
 ]
 
 
@@ -584,6 +585,14 @@ SCENARIOS = [
         "`HuggingFaceStorageReader` on the per-rank directory bit-exact; `ckptd export` writes a "
         "consolidated copy that `from_pretrained` loads bit-exact.",
         r"test_multirank_noncontig\.py::(test_restore_at_any_world_size|test_export)",
+    ),
+    Scenario(
+        "Multi-rank review (#11): topology, node files, per-rank steps in the HF Trainer output",
+        "Real gloo ranks: 3 nodes of which 2 share a root refused on every rank (not taken for "
+        "node-local roots), node-local and shared roots still told apart; a FIFO or a link among "
+        "the node files does not hang connect; a per-rank `model` step (2 ranks, `Shard(1)`, real "
+        "daemon) linked into `checkpoint-N/` without error and without per-rank files.",
+        r"test_review_i11\.py::",
     ),
 ]
 
