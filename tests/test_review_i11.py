@@ -240,3 +240,63 @@ def torch_equal(a: Any, b: Any) -> bool:
     import torch
 
     return bool(a.dtype == b.dtype and torch.equal(a, b))
+
+
+_AGREE = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import torch.distributed as dist
+    from client.errors import CheckpointError
+    from client.noderoots import NodeLocal, agree_restore
+    from client.ranks import Ranks
+
+    rank, store, run_dir, out = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    local = NodeLocal(rank, True, (0, 1), ("n0", "n1"), ((0,), (1,)))
+    try:
+        got = agree_restore(Ranks(rank, 2, "0123456789abcdef", dist.group.WORLD), local, run_dir,
+                            lambda s: s, step=None, fallback=True)
+        result = {"step": got}
+    except CheckpointError as e:
+        result = {"code": e.code, "error": str(e)}
+    with open(out, "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_a_node_without_the_steps_of_the_others_is_told_what_to_do(workdir: Path) -> None:
+    """A node replaced by a fresh one (node-local roots: its disk is empty) has none of the steps
+    the other nodes hold: every rank fails alike, and the error says how to get a step back."""
+    runs = [workdir / "n0" / "run", workdir / "n1" / "run"]
+    (runs[0] / "step-000003").mkdir(parents=True)
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _AGREE,
+                str(r),
+                str(workdir / "store"),
+                str(runs[r]),
+                str(workdir / f"o{r}"),
+            ],
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+        )
+        for r in range(2)
+    ]
+    try:
+        assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    answers = [json.loads((workdir / f"o{r}").read_text()) for r in range(2)]
+    for a in answers:
+        assert a.get("code") == "not_found", answers
+        assert "node n1 (ranks [1]) holds none of them" in a["error"], a
+        assert "copy" in a["error"] and "step-000003" in a["error"], a
