@@ -300,3 +300,31 @@ def test_a_node_without_the_steps_of_the_others_is_told_what_to_do(workdir: Path
         assert a.get("code") == "not_found", answers
         assert "node n1 (ranks [1]) holds none of them" in a["error"], a
         assert "copy" in a["error"] and "step-000003" in a["error"], a
+
+
+def test_a_daemon_of_an_older_version_on_the_root_is_not_served_alongside(workdir: Path) -> None:
+    """An older ckptd daemon (one root, one daemon: it holds ``<root>/.ckptd.lock``) still
+    serving a root, as a detached daemon does after an upgrade: a new one must not serve that
+    root beside it (each would sweep the other's in-flight steps), nor the old one beside a new."""
+    import fcntl
+
+    root = workdir / "root"
+    root.mkdir()
+    fd = os.open(root / ".ckptd.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the older daemon holds it
+        cmd = [
+            sys.executable,
+            "-m",
+            "ckptd",
+            "serve",
+            "--root",
+            str(root),
+            "--socket",
+            str(workdir / "d.sock"),
+        ]
+        proc = subprocess.run(cmd, capture_output=True, timeout=20, stdin=subprocess.DEVNULL, check=False)
+        assert proc.returncode != 0, proc.stderr.decode()
+        assert "older ckptd" in proc.stderr.decode() and "stop it" in proc.stderr.decode(), proc.stderr
+    finally:
+        os.close(fd)
