@@ -101,8 +101,11 @@ def read_holders(root: Path) -> list[Holder]:
     for name in names:
         if not name.endswith(".lock"):
             continue
-        try:
-            with open(root / NODES_DIR / name, "rb") as f:
+        try:  # a link, FIFO or device under a node file's name is no daemon's (and must not block)
+            fd = os.open(root / NODES_DIR / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            with open(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    continue
                 raw = json.loads(f.read(4096))
             out.append(Holder(str(raw["node"]), str(raw["instance"]), int(raw["pid"]), str(raw["host"])))
         except (OSError, ValueError, KeyError, TypeError):

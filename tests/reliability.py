@@ -55,6 +55,9 @@ FILES = [
     "tests/test_multirank_stall.py",
     "tests/test_multinode.py",
     "tests/test_multirank_users.py",
+    ),
+    Scenario(
+    "tests/test_review_i11.py",
 ]
 
 
@@ -638,6 +641,17 @@ SCENARIOS = [
         "durable, then sealed 0444); the step commits and verifies. Before: EACCES for every user "
         "but root.",
         r"test_multirank_users\.py::",
+    ),
+    Scenario(
+        "Multi-rank review (#11): topology, node files, per-rank steps in the HF Trainer output",
+        "Real gloo ranks: 3 nodes of which 2 share a root refused on every rank (not taken for "
+        "node-local roots), node-local and shared roots still told apart; a FIFO or a link among "
+        "the node files does not hang connect; a per-rank `model` step (2 ranks, `Shard(1)`, real "
+        "daemon) linked into `checkpoint-N/` without error and without per-rank files; its empty "
+        "and uneven DTensors load with their shapes; node-local restore where one node lacks every "
+        "step fails alike on every rank saying what to copy; (xfail) a daemon of another node "
+        "starting on a shared root keeps this node's in-flight step.",
+        r"test_review_i11\.py::",
     ),
 ]
 
