@@ -649,8 +649,8 @@ SCENARIOS = [
         "the node files does not hang connect; a per-rank `model` step (2 ranks, `Shard(1)`, real "
         "daemon) linked into `checkpoint-N/` without error and without per-rank files; its empty "
         "and uneven DTensors load with their shapes; node-local restore where one node lacks every "
-        "step fails alike on every rank saying what to copy; (xfail) a daemon of another node "
-        "starting on a shared root keeps this node's in-flight step.",
+        "step fails alike on every rank saying what to copy; a daemon of another node starting "
+        "on a shared root keeps this node's in-flight step.",
         r"test_review_i11\.py::",
     ),
 ]

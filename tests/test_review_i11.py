@@ -12,8 +12,9 @@
 - node-local restore where one node holds none of the others' steps (a replaced node) said
   nothing of what to do.
 - a daemon of an older ckptd (root-wide ``.ckptd.lock``) and a new one served one root together.
-- (xfail, reported: ``ckptd/commit.py``'s sweep) a daemon of another node starting on a shared
-  root removes this node's in-flight step: its handle fails with ENOENT.
+- a daemon of another node starting on a shared root keeps this node's in-flight step (the
+  root-wide sweep removed it: its handle failed with ENOENT; the per-node sweep of ckptd/shared.py
+  keeps it).
 
 Collectives run for real: plain gloo processes (``init_process_group`` on a file store), a
 real daemon where a snapshot is taken.
@@ -207,11 +208,6 @@ def test_hf_outputs_link_a_per_rank_model_step(per_rank_step: tuple[Path, Path],
         assert "rank-" not in p.name, sorted(link.rglob("*"))
 
 
-@pytest.mark.xfail(
-    reason="ckptd/commit.py sweep is root-wide: a daemon of another node starting on a shared root "
-    "removes this node's in-flight temp directory (reported; commit.py is another helper's)",
-    strict=False,
-)
 def test_a_daemon_of_another_node_starting_keeps_this_nodes_inflight_step(
     workdir: Path, start_daemon: Callable[..., Any], connect: Callable[..., Any]
 ) -> None:
