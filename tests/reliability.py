@@ -55,8 +55,6 @@ FILES = [
     "tests/test_multirank_stall.py",
     "tests/test_multinode.py",
     "tests/test_multirank_users.py",
-    ),
-    Scenario(
     "tests/test_review_i11.py",
 ]
 
