@@ -170,11 +170,19 @@ def touch_lease(staged: commit.StagedCheckpoint) -> None:
         os.utime(staged.temp_dir / PARTS_DIR / JOB_FILE)
 
 
-def lease_age_s(staged: commit.StagedCheckpoint) -> float | None:
+def activity_age_s(staged: commit.StagedCheckpoint) -> float | None:
+    """Seconds since anything in ``T/parts`` last moved: the coordinator's lease, a part marker
+    its daemon touches while writing, a part manifest sealed; None when there is nothing."""
+    parts_dir = staged.temp_dir / PARTS_DIR
     try:
-        return time.time() - os.stat(staged.temp_dir / PARTS_DIR / JOB_FILE).st_mtime
+        entries = list(os.scandir(parts_dir))
     except OSError:
         return None
+    mtimes = []
+    for e in entries:
+        with contextlib.suppress(OSError):
+            mtimes.append(e.stat(follow_symlinks=False).st_mtime)
+    return time.time() - max(mtimes) if mtimes else None
 
 
 def read_parts(
@@ -454,7 +462,7 @@ def _sweep_one(storage: Storage, run_dir: Path, p: Path, node: str, now: float) 
         return True
     step = paths.parse_step_dirname(prefix)
     if nonce.startswith(LOCAL_PREFIX):
-        if not nonce.startswith(f"{LOCAL_PREFIX}{node}-"):
+        if nonce.rpartition("-")[0] != f"{LOCAL_PREFIX}{node}":  # node ids gpu, gpu-1: not a prefix
             return False  # another node's single-process snapshot (its daemon sweeps it)
     elif FAILED_SUFFIX + "." in nonce or nonce.startswith("pruned-"):
         pass
@@ -468,7 +476,9 @@ def _sweep_one(storage: Storage, run_dir: Path, p: Path, node: str, now: float) 
                 return False  # another node's one-daemon job
         else:
             staged = commit.StagedCheckpoint(run_dir, step, p)
-            lease = lease_age_s(staged)
+            # A part may be written long past the deadline (which bounds its arrival): whatever
+            # moved in parts/ lately (a lease, a marker, a seal) says a daemon still works on it.
+            lease = activity_age_s(staged)
             if now < info.deadline_unix + SWEEP_GRACE_S or (lease is not None and lease < LEASE_STALE_S):
                 return False
             missing = missing_parts(staged, info.world_size) or []

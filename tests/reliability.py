@@ -54,6 +54,7 @@ FILES = [
     "tests/test_multirank_noncontig.py",
     "tests/test_multirank_stall.py",
     "tests/test_multinode.py",
+    "tests/test_hostile_i11.py",
 ]
 
 
@@ -629,6 +630,15 @@ SCENARIOS = [
         "nothing visible; rank 0's trainer SIGKILLed after its daemon accepted: committed.",
         r"test_multinode\.py::(test_every_trainer|test_node1_|test_trainer_stopped|test_enospc|"
         r"test_coordinators)",
+    ),
+    Scenario(
+        "Shared root, hostile: slow writers, prefix node ids, forged node files",
+        "Real daemons, the other node's work laid out on disk: a step past its deadline whose part "
+        "marker is fresh is left by a restarted daemon of another node (a dead one still goes); node "
+        "`gpu`'s start-up sweep leaves node `gpu-1`'s single-process temp directory; a FIFO, a link "
+        "to it and garbage JSON among `.ckptd-nodes/*.lock` neither hang the daemon's start nor "
+        "the holders' read, which still names the live daemon.",
+        r"test_hostile_i11\.py::",
     ),
 ]
 

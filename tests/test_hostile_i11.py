@@ -1,0 +1,130 @@
+"""Hostile tests of several daemons on one shared root (#11): what another node, a slow writer or
+a forged file in the root does to a daemon's start-up sweep and to topology detection. Real
+daemons; the other node's work is laid out on disk as its daemon leaves it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from conftest import DaemonProc, wait_for_socket
+
+from ckptd import nodes, paths, shared
+from ckptd.ranks import PARTS_DIR, part_filename
+
+
+def _other_node_step(root: Path, step: int, *, job: str, deadline_unix: float, world_size: int = 2) -> Path:
+    """A multi-rank step temp directory as a two-daemon job leaves it while its parts are being
+    written: ``parts/job.json`` (made long ago, past its deadline) and rank 1's marker."""
+    run = root / "run"
+    run.mkdir(parents=True, exist_ok=True)
+    t = run / paths.temp_dirname(step, job)
+    (t / PARTS_DIR).mkdir(parents=True)
+    info = shared.JobInfo(
+        job=job, run="run", step=step, world_size=world_size, nodes=2, node="n1", deadline_unix=deadline_unix
+    )
+    (t / PARTS_DIR / shared.JOB_FILE).write_text(info.model_dump_json())
+    (t / "model.safetensors").write_bytes(b"\0" * 4096)
+    return t
+
+
+def test_start_up_sweep_leaves_a_step_past_its_deadline_whose_parts_are_still_being_written(
+    start_daemon: Callable[..., DaemonProc], workdir: Path
+) -> None:
+    """commit_timeout_s bounds when parts arrive, not how long they take to write: a big part
+    written past the deadline (or a node whose clock is ahead) is still in flight while its
+    daemon touches its marker. A daemon restarted on another node must leave it alone."""
+    other = start_daemon("--node-id", "n1")
+    old = time.time() - 600
+    t = _other_node_step(other.root, 7, job="ab" * 8, deadline_unix=old)
+    os.utime(t / PARTS_DIR / shared.JOB_FILE, (old, old))  # no coordinator lease yet
+    marker = t / PARTS_DIR / shared.writing_name(1)
+    marker.touch()  # rank 1's daemon is writing its part right now
+    (t / PARTS_DIR / part_filename(0)).write_text("{}")
+    os.utime(t / PARTS_DIR / part_filename(0), (old, old))
+    me = start_daemon("--node-id", "n0", root=other.root)
+    assert t.is_dir(), f"another node's in-flight step was swept:\n{me.log_text()}"
+    assert marker.exists()
+    assert shared.failed_dir(shared.staged_of(other.root, "run", 7, "ab" * 8)) is None
+
+
+def test_start_up_sweep_still_removes_a_dead_step_past_its_deadline(
+    start_daemon: Callable[..., DaemonProc], workdir: Path
+) -> None:
+    """The other side of the test above: nothing moved in it for long, no lease: it goes."""
+    other = start_daemon("--node-id", "n1")
+    old = time.time() - 600
+    t = _other_node_step(other.root, 8, job="cd" * 8, deadline_unix=old)
+    marker = t / PARTS_DIR / shared.writing_name(1)
+    marker.touch()
+    for p in (marker, t / PARTS_DIR / shared.JOB_FILE):
+        os.utime(p, (old, old))
+    start_daemon("--node-id", "n0", root=other.root)
+    assert not t.exists()
+
+
+def test_start_up_sweep_leaves_the_local_snapshot_of_a_node_whose_id_extends_this_ones(
+    start_daemon: Callable[..., DaemonProc], workdir: Path
+) -> None:
+    """Node ids ``gpu`` and ``gpu-1`` (host names like these are common): ``gpu``'s daemon must
+    not take ``step-N.ckptd-tmp-node-gpu-1-<hex>`` (gpu-1's single-process snapshot, being
+    written right now) for its own leftover."""
+    other = start_daemon("--node-id", "gpu-1")
+    run = other.root / "run"
+    run.mkdir(parents=True)
+    theirs = run / paths.temp_dirname(3, shared.local_nonce("gpu-1"))
+    theirs.mkdir()
+    (theirs / "model.safetensors").write_bytes(b"\0" * 4096)
+    mine = run / paths.temp_dirname(2, shared.local_nonce("gpu"))
+    mine.mkdir()
+    me = start_daemon("--node-id", "gpu", root=other.root)
+    assert theirs.is_dir(), f"node gpu-1's snapshot in progress was swept by node gpu:\n{me.log_text()}"
+    assert not mine.exists()  # its own leftover still goes
+
+
+def _serve(root: Path, sock: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "ckptd", "serve", "--root", str(root), "--socket", str(sock), *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+
+def test_a_fifo_among_the_node_files_does_not_hang_a_daemon_or_a_client(workdir: Path) -> None:
+    """A FIFO (or a link to one) named ``*.lock`` in ``.ckptd-nodes/``: reading the holders must
+    not wait for a writer that never comes (the daemon's start-up sweep and every rank's
+    topology detection at connect read them)."""
+    root = workdir / "root"
+    (root / nodes.NODES_DIR).mkdir(parents=True)
+    os.mkfifo(root / nodes.NODES_DIR / "zz.lock")
+    os.symlink(root / nodes.NODES_DIR / "zz.lock", root / nodes.NODES_DIR / "zy.lock")
+    (root / nodes.NODES_DIR / "zx.lock").write_text("{not json")
+    proc = _serve(root, workdir / "d.sock", workdir / "d.log", "--node-id", "n0")
+    try:
+        try:
+            wait_for_socket(workdir / "d.sock", proc, timeout_s=15)
+        except (TimeoutError, RuntimeError) as e:
+            raise AssertionError(f"daemon did not start: {e}\n{(workdir / 'd.log').read_text()}") from None
+        code = (
+            "from pathlib import Path; from ckptd import nodes; "
+            f"print([h.node for h in nodes.read_holders(Path({str(root)!r}))])"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=15,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout.replace("'", '"')) == ["n0"]
+    finally:
+        proc.kill()
+        proc.wait(10)
