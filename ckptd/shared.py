@@ -260,11 +260,11 @@ def parts_seen(staged: commit.StagedCheckpoint, world_size: int) -> PartsSeen | 
             return None
         names = set()
     writing = {}
-    for r in range(world_size):
-        if writing_name(r) in names and part_filename(r) not in names:
+    for r in range(world_size):  # the marker goes only once the manifest is durable: until then
+        if writing_name(r) in names:  # a manifest beside it may be torn (its daemon died writing it)
             with contextlib.suppress(OSError):
                 writing[r] = os.stat(parts_dir / writing_name(r)).st_mtime
-    sealed = frozenset(r for r in range(world_size) if part_filename(r) in names)
+    sealed = frozenset(r for r in range(world_size) if part_filename(r) in names and r not in writing)
     try:
         lease: float | None = os.stat(parts_dir / JOB_FILE).st_mtime
     except OSError:

@@ -6,16 +6,31 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 from conftest import DaemonProc, wait_for_socket
+from test_multinode import WORKER, Nodes, assert_nothing_visible, commit_step_1, result
 
 from ckptd import nodes, paths, shared
 from ckptd.ranks import PARTS_DIR, part_filename
+
+
+@pytest.fixture
+def two_nodes() -> Iterator[Nodes]:
+    base = Path(tempfile.mkdtemp(prefix="ckptd-"))
+    n = Nodes(base)
+    try:
+        yield n
+    finally:
+        n.close()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def _other_node_step(root: Path, step: int, *, job: str, deadline_unix: float, world_size: int = 2) -> Path:
@@ -128,3 +143,25 @@ def test_a_fifo_among_the_node_files_does_not_hang_a_daemon_or_a_client(workdir:
     finally:
         proc.kill()
         proc.wait(10)
+
+
+# --- two daemons, two torchrun launchers (tests/test_multinode.py's harness) ----------------------
+
+
+def test_node1_daemon_killed_right_after_creating_its_part_manifest_fails_node0_not_hangs(
+    two_nodes: Nodes,
+) -> None:
+    """Node 1's daemon dies (SIGKILL, power) between creating ``parts/rank-00001.json`` and
+    writing it: an empty manifest stays, its ``.writing`` marker beside it no longer moves. The
+    coordinator must not take that for a part still being written forever: rank 0's handle
+    fails within the commit timeouts naming rank 1, nothing is visible."""
+    two_nodes.start(0)
+    n1 = two_nodes.start(1, f"kill-after:create@{part_filename(1)}:1:2")
+    commit_step_1(two_nodes)
+    out = two_nodes.base / "out"
+    two_nodes.run(WORKER, "wait", out, 2, expect=(0,))
+    assert n1.proc.poll() is not None and "faulty_daemon: SIGKILL" in n1.text()
+    r0 = result(out, 0)
+    assert r0.get("code") == "parts_missing" and "rank(s) [1]'s daemon stopped writing" in r0["error"], r0
+    assert r0["waited_s"] < 45, r0
+    assert_nothing_visible(two_nodes.root / "ddp", 2, "step-000001")
