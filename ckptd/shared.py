@@ -405,7 +405,8 @@ def _read_failed(failed: Path, step: int, complete: bool = True) -> Outcome | No
     except (OSError, ValueError, KeyError, TypeError):
         if not complete:
             return None
-    rank, what, node = [*failed.name.rpartition(FAILED_SUFFIX + ".")[2].split(".", 2), "x", "x", "x"][:3]
+    # The first ".failed.": the temp name before it never holds one, a node id after it may.
+    rank, what, node = [*failed.name.partition(FAILED_SUFFIX + ".")[2].split(".", 2), "x", "x", "x"][:3]
     err = getattr(errno_mod, what, None) if what.startswith("E") else None
     who = f"rank {rank}'s part failed" if rank.isdigit() else "the step was aborted"
     return Outcome(

@@ -639,7 +639,8 @@ SCENARIOS = [
         "to it and garbage JSON among `.ckptd-nodes/*.lock` neither hang the daemon's start nor "
         "the holders' read, which still names the live daemon; node 1's daemon SIGKILLed right "
         "after creating its part manifest (empty, marker beside it): rank 0 fails naming rank 1 "
-        "within 45 s instead of waiting forever, nothing visible.",
+        "within 45 s instead of waiting forever, nothing visible; a `.failed` name of node "
+        "`a.failed.b` with no FAILED.json still reads rank 1, ENOSPC, that node.",
         r"test_hostile_i11\.py::",
     ),
 ]

@@ -4,6 +4,7 @@ daemons; the other node's work is laid out on disk as its daemon leaves it."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -165,3 +166,18 @@ def test_node1_daemon_killed_right_after_creating_its_part_manifest_fails_node0_
     assert r0.get("code") == "parts_missing" and "rank(s) [1]'s daemon stopped writing" in r0["error"], r0
     assert r0["waited_s"] < 45, r0
     assert_nothing_visible(two_nodes.root / "ddp", 2, "step-000001")
+
+
+def test_failed_name_of_a_node_whose_id_holds_dot_failed_still_says_why(workdir: Path) -> None:
+    """With no room for ``FAILED.json`` (ENOSPC) the ``.failed`` name alone says why; a node id
+    may hold ``.failed.`` itself (``a.failed.b`` is a valid id): the reason must still read
+    rank 1, ENOSPC, that node."""
+    staged = shared.staged_of(workdir, "run", 4, "ee" * 8)
+    staged.run_dir.mkdir()
+    failed = staged.run_dir / shared.failed_name(staged, 1, "ENOSPC", "a.failed.b")
+    failed.mkdir()
+    time.sleep(2.1)  # past the moment its aborter could still be writing FAILED.json
+    o = shared.outcome(staged, "ee" * 8, 0)
+    assert o is not None and o.path is None
+    assert "rank 1's part failed: [ENOSPC] on node 'a.failed.b'" in o.message, o.message
+    assert (o.code, o.errno) == ("io_error", errno.ENOSPC)
