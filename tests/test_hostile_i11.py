@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import DaemonProc, wait_for_socket
-from test_multinode import WORKER, Nodes, assert_nothing_visible, commit_step_1, result
+from test_multinode import WORKER, Nodes, assert_nothing_visible, commit_step_1, leftovers, result
 
 from ckptd import nodes, paths, shared
 from ckptd.ranks import PARTS_DIR, part_filename
@@ -181,3 +182,41 @@ def test_failed_name_of_a_node_whose_id_holds_dot_failed_still_says_why(workdir:
     assert o is not None and o.path is None
     assert "rank 1's part failed: [ENOSPC] on node 'a.failed.b'" in o.message, o.message
     assert (o.code, o.errno) == ("io_error", errno.ENOSPC)
+
+
+def test_node1_daemon_stopped_past_the_timeouts_then_continued_resurrects_nothing(two_nodes: Nodes) -> None:
+    """Node 1's daemon SIGSTOPped (not killed) while it writes its part, for longer than the
+    marker timeout: node 0 aborts the step naming rank 1. SIGCONTed, node 1's daemon must not
+    write into the aborted directory nor make the step again: its rank fails too, nothing of
+    step 2 is visible or left, LATEST stays, and the next step commits."""
+    two_nodes.start(0)
+    n1 = two_nodes.start(1, "slow:2.0", "--workers", "1")
+    commit_step_1(two_nodes)
+    out = two_nodes.base / "out"
+    procs = two_nodes.run(WORKER, "wait", out, 2, wait=False)
+    run_dir = two_nodes.root / "ddp"
+    marker = shared.staged_of(two_nodes.root, "ddp", 2, "x").run_dir
+    deadline = time.monotonic() + 90
+    while not any((p / PARTS_DIR / shared.writing_name(1)).exists() for p in marker.glob("step-000002.*")):
+        assert time.monotonic() < deadline, "rank 1's part never started"
+        time.sleep(0.02)
+    os.kill(n1.proc.pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "rank-0.json").exists():
+            assert time.monotonic() < deadline, "node 0 did not fail the step"
+            time.sleep(0.1)
+        time.sleep(2.0)
+    finally:
+        os.kill(n1.proc.pid, signal.SIGCONT)
+    two_nodes.wait(procs, out, (0, 1))
+    r0, r1 = result(out, 0), result(out, 1)
+    assert r0.get("code") == "parts_missing" and "rank(s) [1]'s daemon stopped writing" in r0["error"], r0
+    assert "error" in r1 and "step 2" in r1["error"], r1
+    assert_nothing_visible(run_dir, 2, "step-000001")
+    time.sleep(3.0)  # node 1's daemon, continued, had its chance to write more
+    assert leftovers(run_dir, 2) == []  # only the .failed directory's FAILED.json, for a minute
+    assert n1.proc.poll() is None, n1.text()
+    out3 = two_nodes.base / "out3"
+    two_nodes.run(WORKER, "wait", out3, 3, expect=(0, 1))
+    assert [result(out3, r).get("path") for r in (0, 1)] == [str(run_dir / "step-000003")] * 2
