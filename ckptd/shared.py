@@ -434,7 +434,11 @@ def sweep(storage: Storage, root: Path, node: str) -> list[Path]:
     node's single-process temp directories, ``.failed`` and pruned leftovers, and a multi-rank
     temp directory once its job's deadline (and the grace) passed with no lease held; another
     node's work in progress is never touched."""
-    others = {h.node for h in nodes.read_holders(root)} - {node}
+    try:  # by the lock files' names: one whose content cannot be read (torn, garbage) counts too
+        others = {n.removesuffix(".lock") for n in os.listdir(root / nodes.NODES_DIR) if n.endswith(".lock")}
+    except FileNotFoundError:
+        others = set()
+    others -= {node}
     if not others:
         return commit.sweep(storage, root)
     swept: list[Path] = []

@@ -640,7 +640,11 @@ SCENARIOS = [
         "the holders' read, which still names the live daemon; node 1's daemon SIGKILLed right "
         "after creating its part manifest (empty, marker beside it): rank 0 fails naming rank 1 "
         "within 45 s instead of waiting forever, nothing visible; a `.failed` name of node "
-        "`a.failed.b` with no FAILED.json still reads rank 1, ENOSPC, that node.",
+        "`a.failed.b` with no FAILED.json still reads rank 1, ENOSPC, that node; a live node's "
+        "lock file of garbage JSON still makes the root shared for the sweep; node 1's daemon "
+        "SIGSTOPped past the marker timeout, and rank 0's daemon SIGSTOPped mid-commit past its "
+        "lease, then SIGCONTed: one decision (both ranks fail), nothing visible or left, LATEST "
+        "stays, the next step commits.",
         r"test_hostile_i11\.py::",
     ),
 ]

@@ -104,6 +104,22 @@ def test_start_up_sweep_leaves_the_local_snapshot_of_a_node_whose_id_extends_thi
     assert not mine.exists()  # its own leftover still goes
 
 
+def test_start_up_sweep_counts_a_node_whose_lock_file_it_cannot_read(
+    start_daemon: Callable[..., DaemonProc], workdir: Path
+) -> None:
+    """Node n1's lock file there but its content unreadable (torn, garbage, replaced by a
+    forger): the root is still shared with n1, and n0's start-up sweep must not sweep the root
+    whole (n1's single-process snapshot in progress with it)."""
+    other = start_daemon("--node-id", "n1")
+    (other.root / nodes.NODES_DIR / "n1.lock").write_text("{torn")
+    run = other.root / "run"
+    run.mkdir(parents=True)
+    theirs = run / paths.temp_dirname(3, shared.local_nonce("n1"))
+    theirs.mkdir()
+    me = start_daemon("--node-id", "n0", root=other.root)
+    assert theirs.is_dir(), f"node n1's snapshot in progress was swept by node n0:\n{me.log_text()}"
+
+
 def _serve(root: Path, sock: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:
         return subprocess.Popen(
@@ -220,3 +236,44 @@ def test_node1_daemon_stopped_past_the_timeouts_then_continued_resurrects_nothin
     out3 = two_nodes.base / "out3"
     two_nodes.run(WORKER, "wait", out3, 3, expect=(0, 1))
     assert [result(out3, r).get("path") for r in (0, 1)] == [str(run_dir / "step-000003")] * 2
+
+
+def test_coordinator_daemon_stopped_mid_commit_then_continued_does_not_commit_the_aborted_step(
+    two_nodes: Nodes,
+) -> None:
+    """Rank 0's daemon SIGSTOPped while it commits (every part sealed), for longer than its
+    lease: node 1's daemon aborts the step. SIGCONTed, the coordinator must not commit it after
+    all (one decision: both ranks fail, nothing visible, LATEST stays)."""
+    n0 = two_nodes.start(0, "slow:1.0", "--workers", "1")
+    two_nodes.start(1)
+    commit_step_1(two_nodes)
+    out = two_nodes.base / "out"
+    procs = two_nodes.run(WORKER, "wait", out, 2, wait=False)
+    run_dir = two_nodes.root / "ddp"
+
+    def committing() -> bool:
+        for t in run_dir.glob("step-000002.ckptd-tmp-*"):
+            names = {p.name for p in (t / PARTS_DIR).glob("*")} if (t / PARTS_DIR).is_dir() else set()
+            if {part_filename(0), part_filename(1)} <= names and not any(
+                n.endswith(".writing") for n in names
+            ):
+                return True
+        return False
+
+    deadline = time.monotonic() + 90
+    while not committing():
+        assert time.monotonic() < deadline, "the coordinator never started committing"
+        time.sleep(0.01)
+    os.kill(n0.proc.pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 90
+        while not (out / "rank-1.json").exists():
+            assert time.monotonic() < deadline, "node 1 did not fail the step"
+            time.sleep(0.1)
+    finally:
+        os.kill(n0.proc.pid, signal.SIGCONT)
+    two_nodes.wait(procs, out, (0, 1))
+    r0, r1 = result(out, 0), result(out, 1)
+    assert r1.get("code") == "commit_error" and "did not commit" in r1["error"], r1
+    assert "error" in r0, r0
+    assert_nothing_visible(run_dir, 2, "step-000001")
