@@ -22,6 +22,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from ckptd import safeio
 from ckptd.sockdir import UnsafeSocketDir
 
 NODES_DIR = ".ckptd-nodes"
@@ -101,12 +102,12 @@ def read_holders(root: Path) -> list[Holder]:
     for name in names:
         if not name.endswith(".lock"):
             continue
-        try:  # a link, FIFO or device under a node file's name is no daemon's (and must not block)
-            fd = os.open(root / NODES_DIR / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-            with open(fd, "rb") as f:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    continue
-                raw = json.loads(f.read(4096))
+        try:  # never follows a link nor waits on a FIFO
+            fd = safeio.open_regular(root / NODES_DIR / name, 4096)
+            try:
+                raw = json.loads(os.read(fd, 4096))
+            finally:
+                os.close(fd)
             out.append(Holder(str(raw["node"]), str(raw["instance"]), int(raw["pid"]), str(raw["host"])))
         except (OSError, ValueError, KeyError, TypeError):
             continue
