@@ -22,6 +22,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from ckptd import safeio
 from ckptd.sockdir import UnsafeSocketDir
 
 NODES_DIR = ".ckptd-nodes"
@@ -101,9 +102,12 @@ def read_holders(root: Path) -> list[Holder]:
     for name in names:
         if not name.endswith(".lock"):
             continue
-        try:
-            with open(root / NODES_DIR / name, "rb") as f:
-                raw = json.loads(f.read(4096))
+        try:  # never follows a link nor waits on a FIFO
+            fd = safeio.open_regular(root / NODES_DIR / name, 4096)
+            try:
+                raw = json.loads(os.read(fd, 4096))
+            finally:
+                os.close(fd)
             out.append(Holder(str(raw["node"]), str(raw["instance"]), int(raw["pid"]), str(raw["host"])))
         except (OSError, ValueError, KeyError, TypeError):
             continue

@@ -98,10 +98,11 @@ def model_files(manifest: Manifest) -> list[str]:
     """The files of a step that ``save_pretrained`` would write for its ``model`` component (its
     shards, its index, ``config.json`` and the other small files at the top), relative to the
     step directory, in either format (``ckptd/1`` has the other components' files at the top
-    too: they are left out)."""
+    too: they are left out). A per-rank ``model`` (non-contiguous DTensors) has none of its own:
+    its per-rank files are no ``save_pretrained`` weights (``ckptd export`` makes those)."""
     model = next((c for c in manifest.components if c.name == MODEL), None)
     others = {c.index for c in manifest.components if c is not model}
-    files = [s.file for s in model.shards] if model is not None else []
+    files = [s.file for s in model.shards] if model is not None and model.sharding == "consolidated" else []
     files += [f.file for f in manifest.files if "/" not in f.file and f.file not in others]
     return files
 

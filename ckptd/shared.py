@@ -170,11 +170,19 @@ def touch_lease(staged: commit.StagedCheckpoint) -> None:
         os.utime(staged.temp_dir / PARTS_DIR / JOB_FILE)
 
 
-def lease_age_s(staged: commit.StagedCheckpoint) -> float | None:
+def activity_age_s(staged: commit.StagedCheckpoint) -> float | None:
+    """Seconds since anything in ``T/parts`` last moved: the coordinator's lease, a part marker
+    its daemon touches while writing, a part manifest sealed; None when there is nothing."""
+    parts_dir = staged.temp_dir / PARTS_DIR
     try:
-        return time.time() - os.stat(staged.temp_dir / PARTS_DIR / JOB_FILE).st_mtime
+        entries = list(os.scandir(parts_dir))
     except OSError:
         return None
+    mtimes = []
+    for e in entries:
+        with contextlib.suppress(OSError):
+            mtimes.append(e.stat(follow_symlinks=False).st_mtime)
+    return time.time() - max(mtimes) if mtimes else None
 
 
 def read_parts(
@@ -252,11 +260,11 @@ def parts_seen(staged: commit.StagedCheckpoint, world_size: int) -> PartsSeen | 
             return None
         names = set()
     writing = {}
-    for r in range(world_size):
-        if writing_name(r) in names and part_filename(r) not in names:
+    for r in range(world_size):  # the marker goes only once the manifest is durable: until then
+        if writing_name(r) in names:  # a manifest beside it may be torn (its daemon died writing it)
             with contextlib.suppress(OSError):
                 writing[r] = os.stat(parts_dir / writing_name(r)).st_mtime
-    sealed = frozenset(r for r in range(world_size) if part_filename(r) in names)
+    sealed = frozenset(r for r in range(world_size) if part_filename(r) in names and r not in writing)
     try:
         lease: float | None = os.stat(parts_dir / JOB_FILE).st_mtime
     except OSError:
@@ -397,7 +405,8 @@ def _read_failed(failed: Path, step: int, complete: bool = True) -> Outcome | No
     except (OSError, ValueError, KeyError, TypeError):
         if not complete:
             return None
-    rank, what, node = [*failed.name.rpartition(FAILED_SUFFIX + ".")[2].split(".", 2), "x", "x", "x"][:3]
+    # The first ".failed.": the temp name before it never holds one, a node id after it may.
+    rank, what, node = [*failed.name.partition(FAILED_SUFFIX + ".")[2].split(".", 2), "x", "x", "x"][:3]
     err = getattr(errno_mod, what, None) if what.startswith("E") else None
     who = f"rank {rank}'s part failed" if rank.isdigit() else "the step was aborted"
     return Outcome(
@@ -425,7 +434,11 @@ def sweep(storage: Storage, root: Path, node: str) -> list[Path]:
     node's single-process temp directories, ``.failed`` and pruned leftovers, and a multi-rank
     temp directory once its job's deadline (and the grace) passed with no lease held; another
     node's work in progress is never touched."""
-    others = {h.node for h in nodes.read_holders(root)} - {node}
+    try:  # by the lock files' names: one whose content cannot be read (torn, garbage) counts too
+        others = {n.removesuffix(".lock") for n in os.listdir(root / nodes.NODES_DIR) if n.endswith(".lock")}
+    except FileNotFoundError:
+        others = set()
+    others -= {node}
     if not others:
         return commit.sweep(storage, root)
     swept: list[Path] = []
@@ -454,7 +467,7 @@ def _sweep_one(storage: Storage, run_dir: Path, p: Path, node: str, now: float) 
         return True
     step = paths.parse_step_dirname(prefix)
     if nonce.startswith(LOCAL_PREFIX):
-        if not nonce.startswith(f"{LOCAL_PREFIX}{node}-"):
+        if nonce.rpartition("-")[0] != f"{LOCAL_PREFIX}{node}":  # node ids gpu, gpu-1: not a prefix
             return False  # another node's single-process snapshot (its daemon sweeps it)
     elif FAILED_SUFFIX + "." in nonce or nonce.startswith("pruned-"):
         pass
@@ -468,7 +481,9 @@ def _sweep_one(storage: Storage, run_dir: Path, p: Path, node: str, now: float) 
                 return False  # another node's one-daemon job
         else:
             staged = commit.StagedCheckpoint(run_dir, step, p)
-            lease = lease_age_s(staged)
+            # A part may be written long past the deadline (which bounds its arrival): whatever
+            # moved in parts/ lately (a lease, a marker, a seal) says a daemon still works on it.
+            lease = activity_age_s(staged)
             if now < info.deadline_unix + SWEEP_GRACE_S or (lease is not None and lease < LEASE_STALE_S):
                 return False
             missing = missing_parts(staged, info.world_size) or []

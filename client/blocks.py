@@ -86,8 +86,10 @@ def _blocks(
         held.setdefault((tuple(int(n) for n in offset), tuple(int(n) for n in local)), []).append(rank)
     found = [(tuple(r), local, offset) for (offset, local), r in held.items()]
     # An empty block adds nothing (and its offset may repeat another's): kept only where the
-    # whole tensor is empty, so that it is still stored (once).
-    solid = [b for b in found if all(b[1])] or found[:1]
+    # whole tensor is empty, so that it is still stored (once): the one reaching to the tensor's
+    # end in every dimension, as readers take the shape from the blocks' largest extent.
+    whole = [b for b in found if tuple(o + n for o, n in zip(b[2], b[1], strict=True)) == shape]
+    solid = [b for b in found if all(b[1])] or (whole or found)[:1]
     return Blocks(shape, tuple(solid))
 
 

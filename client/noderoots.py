@@ -122,7 +122,8 @@ def agree_restore(
             f"node {n}: {sorted(s, reverse=True)[:8]}" for n, s in zip(local.names, held, strict=True)
         )
         raise CheckpointError(
-            f"no committed step of run {run_dir.name!r} that every node holds verifies ({each})",
+            f"no committed step of run {run_dir.name!r} that every node holds verifies ({each})"
+            + _lacking_hint(local, held, run_dir),
             code="not_found",
         )
     error: Exception | None = None
@@ -140,6 +141,21 @@ def agree_restore(
             code="restore_failed",
         )
     return chosen
+
+
+def _lacking_hint(local: NodeLocal, held: list[set[int]], run_dir: Path) -> str:
+    """What to do where some node holds steps no other node has (a node replaced by a fresh
+    one: its node-local root is empty): each node restores from its own root only."""
+    lacking = [i for i, s in enumerate(held) if not s]
+    newest = max((max(s) for s in held if s), default=None)
+    if newest is None:
+        return ""
+    lacks = f"; {local.named(lacking)} holds none of them" if lacking else ""
+    return (
+        f"{lacks}. Each node restores from its own root: copy a step directory that another node "
+        f"holds (e.g. {run_dir.name}/{paths.step_dirname(newest)}) into {run_dir} on every node "
+        "that lacks it"
+    )
 
 
 def _held_steps(ranks: Ranks, local: NodeLocal, run_dir: Path) -> list[set[int]]:

@@ -61,9 +61,10 @@ def discover(ranks: Ranks, host: str, instance: str, root: str) -> Topology:
     if len(order) == 1:
         return Topology(1, True, node_ranks, 0)
     instances = {g[1] for g in gathered}
-    try:
+    try:  # how many of the job's daemons this rank finds in its root (its own at most: apart)
         here = {_key(h.instance) for h in nodes.read_holders(Path(root))}
-        sees_all = int(instances <= here)
+        seen = len(instances & here)
+        sees_all = 1 if seen == len(instances) else 0 if seen <= 1 else 2
     except OSError:
         sees_all = -1  # cannot tell: refused below, on every rank
     answers = [a[0] for a in _gather(ranks, [sees_all])]
@@ -74,8 +75,8 @@ def discover(ranks: Ranks, host: str, instance: str, root: str) -> Topology:
             "access to the root",
             code="multi_node",
         )
-    if len(set(answers)) > 1:
-        apart = [r for r, a in enumerate(answers) if not a]
+    if len(set(answers)) > 1 or 2 in answers:  # 2: this rank sees some daemons, not all
+        apart = [r for r, a in enumerate(answers) if a != 1]
         raise CheckpointError(
             f"some nodes of this job share a checkpoint root and others do not (ranks {apart[:8]} "
             "do not see every node's daemon in their root): give every node the same shared root, "

@@ -55,6 +55,8 @@ FILES = [
     "tests/test_multirank_stall.py",
     "tests/test_multinode.py",
     "tests/test_multirank_users.py",
+    "tests/test_review_i11.py",
+    "tests/test_hostile_i11.py",
 ]
 
 
@@ -638,6 +640,33 @@ SCENARIOS = [
         "durable, then sealed 0444); the step commits and verifies. Before: EACCES for every user "
         "but root.",
         r"test_multirank_users\.py::",
+    ),
+    Scenario(
+        "Multi-rank review (#11): topology, node files, per-rank steps in the HF Trainer output",
+        "Real gloo ranks: 3 nodes of which 2 share a root refused on every rank (not taken for "
+        "node-local roots), node-local and shared roots still told apart; a FIFO or a link among "
+        "the node files does not hang connect; a per-rank `model` step (2 ranks, `Shard(1)`, real "
+        "daemon) linked into `checkpoint-N/` without error and without per-rank files; its empty "
+        "and uneven DTensors load with their shapes; node-local restore where one node lacks every "
+        "step fails alike on every rank saying what to copy; a daemon of another node starting "
+        "on a shared root keeps this node's in-flight step.",
+        r"test_review_i11\.py::",
+    ),
+    Scenario(
+        "Shared root, hostile: slow writers, prefix node ids, forged node files",
+        "Real daemons, the other node's work laid out on disk: a step past its deadline whose part "
+        "marker is fresh is left by a restarted daemon of another node (a dead one still goes); node "
+        "`gpu`'s start-up sweep leaves node `gpu-1`'s single-process temp directory; a FIFO, a link "
+        "to it and garbage JSON among `.ckptd-nodes/*.lock` neither hang the daemon's start nor "
+        "the holders' read, which still names the live daemon; node 1's daemon SIGKILLed right "
+        "after creating its part manifest (empty, marker beside it): rank 0 fails naming rank 1 "
+        "within 45 s instead of waiting forever, nothing visible; a `.failed` name of node "
+        "`a.failed.b` with no FAILED.json still reads rank 1, ENOSPC, that node; a live node's "
+        "lock file of garbage JSON still makes the root shared for the sweep; node 1's daemon "
+        "SIGSTOPped past the marker timeout, and rank 0's daemon SIGSTOPped mid-commit past its "
+        "lease, then SIGCONTed: one decision (both ranks fail), nothing visible or left, LATEST "
+        "stays, the next step commits.",
+        r"test_hostile_i11\.py::",
     ),
 ]
 

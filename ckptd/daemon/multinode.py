@@ -266,8 +266,8 @@ class SharedSteps:
         sealed = seen.sealed | set(group.parts)
         stalled = []
         for r, mtime in seen.writing.items():
-            if r in group.jobs:
-                continue  # written here: not stalled while this daemon runs
+            if r in group.jobs or r in group.parts:
+                continue  # written here (not stalled while this daemon runs), or read whole
             last = group.writing_seen.get(r)
             if last is None or last[0] != mtime:
                 group.writing_seen[r] = (mtime, now)

@@ -110,6 +110,7 @@ class Daemon:
         self._listener: socket.socket | None = None
         self._lock_fd: int | None = None
         self._root_lock_fd: int | None = None
+        self._legacy_lock_fd: int | None = None  # <root>/.ckptd.lock, shared (older daemons: whole)
         self._sock_dir_fd: int | None = None
         self._root: RootGuard | None = None
         self._root_watch: asyncio.Task[None] | None = None
@@ -154,6 +155,7 @@ class Daemon:
         self._root = RootGuard(opts.root)
         self.pipeline.root = self._root
         self.pipeline.on_root_gone = self.on_root_gone
+        self._legacy_lock_fd = _share_legacy_lock(self._root.fd, opts.root)
         self._root_lock_fd = _take_node_lock(self._root.fd, opts.root, opts.node_id, self.instance)
         here = _in_dir(self._sock_dir_fd, name, opts.socket_path)
         if _answers(here):
@@ -367,10 +369,10 @@ class Daemon:
                 task.cancel()
         if self._metrics_server is not None:
             self._metrics_server.close()
-        for fd in (self._lock_fd, self._root_lock_fd, self._sock_dir_fd):
+        for fd in (self._lock_fd, self._root_lock_fd, self._legacy_lock_fd, self._sock_dir_fd):
             if fd is not None:
                 os.close(fd)
-        self._lock_fd = self._root_lock_fd = self._sock_dir_fd = None
+        self._lock_fd = self._root_lock_fd = self._legacy_lock_fd = self._sock_dir_fd = None
         if self._root is not None:
             self._root.close()
             self._root = None
@@ -389,6 +391,25 @@ def _take_lock(name: str, dir_fd: int, shown: Path, held_means: str) -> int:
         os.close(fd)
         raise DaemonError(
             f"another ckptd daemon holds {shown}: {held_means}; use it, or stop it first"
+        ) from None
+    return fd
+
+
+def _share_legacy_lock(root_fd: int, root: Path) -> int:
+    """Hold ``<root>/.ckptd.lock`` shared: a daemon of an older ckptd (one daemon per root) holds
+    it whole, and would sweep this one's in-flight steps (and this one its)."""
+    shown = root / ".ckptd.lock"
+    try:
+        fd = sockdir.open_private_file(".ckptd.lock", root_fd, os.O_RDWR | os.O_CREAT, "the lock file", shown)
+    except sockdir.UnsafeSocketDir as e:
+        raise DaemonError(str(e)) from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DaemonError(
+            f"a daemon of an older ckptd (one daemon per root) holds {shown} and serves the root "
+            f"{root}: stop it first (ckptd status on its socket shows its pid), then start this one"
         ) from None
     return fd
 
